@@ -1,0 +1,56 @@
+# The two commands: `make demo` (the main job) and `make test` (the test suite).
+# Each creates .venv/ when missing and reuses it when present.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.fastland-installed
+TORCH  := torch==2.14.1 torchvision==0.29.1
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/*.h csrc/cpu/*.h)
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all bench install data clean help
+
+help:
+	@echo "make demo      train/evaluate/plot the Fashion-MNIST demo (runs/demo/report.md)"
+	@echo "make test      run the test suite (not the slow end-to-end runs)"
+	@echo "make test-all  run every test, the slow ones included"
+	@echo "make bench     run the benchmarks and regenerate benchmarks/README.md"
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q "setuptools>=64" wheel
+	$(PIP) install $(TORCH)
+
+$(STAMP): $(PY) $(SOURCES)
+	$(PIP) install -q -e '.[dev]' --no-build-isolation
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian's package when we are root and it is missing.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's dataset-fashion-mnist ..."; \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) || \
+	  echo "could not install dataset-fashion-mnist; pass --data-dir to a folder with the IDX .gz files"; \
+	else \
+	  echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or pass --data-dir"; \
+	fi
+
+demo: $(STAMP) data
+	$(PY) -m fastland demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/latest.json $(PYTEST_ARGS)
+	$(PY) benchmarks/make_table.py benchmarks/latest.json benchmarks/README.md
+
+clean:
+	rm -rf build *.egg-info fastland/_C*.so

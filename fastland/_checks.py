@@ -1,0 +1,76 @@
+"""Argument checks shared by every public function.
+
+Each error names the argument, what was expected and what was received, so
+that a user sees at once which call is wrong.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: Optional[int] = None,
+    min_ndim: Optional[int] = None,
+    floating: bool = True,
+    finite: bool = False,
+    nonempty: bool = False,
+) -> torch.Tensor:
+    """Validate ``value`` as a tensor and return it.
+
+    Args:
+        name: the argument's name, quoted in the error.
+        ndim: exact number of dimensions wanted, or None.
+        min_ndim: least number of dimensions wanted, or None.
+        floating: require a floating-point dtype.
+        finite: require no NaN/inf (costs one reduction; use on inputs, not in hot loops).
+        nonempty: require a non-zero first dimension.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(
+            f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(value.shape)}"
+        )
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point dtype, got {value.dtype}")
+    if nonempty and (value.dim() == 0 or value.shape[0] == 0):
+        raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(value.shape)}")
+    if finite and value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+    return value
+
+
+def check_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """All tensors on one device, else an error naming each one's device."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in zip(names, tensors))
+        raise ValueError(f"expected all tensors on one device, got {where}")
+
+
+def check_eval_mode(name: str, model: nn.Module) -> None:
+    """Raise when ``model`` (or a submodule with batch statistics / dropout) is in train mode.
+
+    Per-sample quantities (input scores, landscapes) are only per-sample when
+    BatchNorm uses running statistics and dropout is off.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ValueError(
+            f"{name}: expected a model in eval mode (BatchNorm running statistics, no dropout), "
+            "got one in train mode; call model.eval() first"
+        )
+
+
+def check_in_unit_box(name: str, x: torch.Tensor) -> bool:
+    """True when every entry of ``x`` lies in [0, 1] (pixel space)."""
+    return bool(((x >= 0) & (x <= 1)).all()) if x.numel() else True

@@ -1,0 +1,446 @@
+"""Pure-PyTorch references: the executable spec of fastland.
+
+Everything here is written to be obviously correct, not fast. The fused ops
+(``fastland.ops``), the penalties, the landscapes and the flatness measure are
+all tested against these functions. The math is ``../shared/DESIGN.md`` §1:
+
+* ``log p(x) = logsumexp_c f(x)_c`` (up to the constant ``log Z``),
+* ``Δlog p(x') = logsumexp f(x') - logsumexp f(x)``,
+* input score ``∇x log p(x) = Jᵀ softmax(f(x))``, AMS score ``s(x) = -‖∇x log p(x)‖₂``,
+* ``‖J‖²_F = C · E_v ‖vᵀJ‖²`` with ``v`` uniform on the unit sphere ``S^{C-1}``,
+  and AMSReg's ``‖diag(p) J‖²_F`` the same with cotangent ``v ⊙ p``,
+* flatness ``φ(x) = (1/n) Σ_j Σ_{x' ∈ N_j(x)} s(x')`` over a grid ``x + a·d1 + b·d2``.
+
+Shapes: ``B`` batch, ``C`` classes, ``P`` projections, ``N`` samples, ``G``
+grid points, ``S`` the per-sample input shape (e.g. ``(1, 28, 28)``), ``D = prod(S)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_eval_mode, check_same_device, check_tensor
+
+__all__ = [
+    "log_likelihood",
+    "relative_log_likelihood",
+    "input_score",
+    "ams_score",
+    "weighted_projection_ref",
+    "grid_combine_ref",
+    "grid_relative_loglik_ref",
+    "unit_sphere_noise",
+    "jacobian_penalty_ref",
+    "amsreg_penalty_ref",
+    "signed_orthogonal_directions",
+    "landscape_ref",
+    "flatness_ref",
+    "PENALTY_ESTIMATORS",
+]
+
+PENALTY_ESTIMATORS = ("projection", "exact", "gradnorm")
+WEIGHTS = ("softmax", "uniform")
+
+
+# --------------------------------------------------------------------------- energy view
+
+
+def log_likelihood(logits: Tensor) -> Tensor:
+    """Unnormalised log-likelihood ``log p(x) + log Z = logsumexp_c z_c``.
+
+    Args:
+        logits: ``[B, C]`` floating point.
+    Returns:
+        ``[B]``, same dtype as ``logits``.
+    """
+    check_tensor("logits", logits, ndim=2, finite=True)
+    return torch.logsumexp(logits, dim=-1)
+
+
+def relative_log_likelihood(logits: Tensor, base_logits: Tensor) -> Tensor:
+    """Relative log-likelihood ``Δlog p(x') = logsumexp f(x') - logsumexp f(x)``.
+
+    (The paper's Eq. 3 drops the logs; this is the corrected form.) Each
+    logsumexp is max-shifted, so logits of magnitude 1e4 give finite results.
+
+    Args:
+        logits: ``[B, C]``, the logits ``f(x')`` of perturbed inputs.
+        base_logits: ``[B, C]``, the logits ``f(x)`` of the clean inputs.
+    Returns:
+        ``[B]``.
+    """
+    check_tensor("logits", logits, ndim=2, finite=True)
+    check_tensor("base_logits", base_logits, ndim=2, finite=True)
+    if logits.shape != base_logits.shape:
+        raise ValueError(
+            f"base_logits: expected shape {tuple(logits.shape)} (that of logits), "
+            f"got {tuple(base_logits.shape)}"
+        )
+    return torch.logsumexp(logits, dim=-1) - torch.logsumexp(base_logits, dim=-1)
+
+
+def input_score(model: nn.Module, x: Tensor, *, create_graph: bool = False) -> Tensor:
+    """Input score ``∇x log p(x) = J(x)ᵀ softmax(f(x))``, one VJP per batch.
+
+    The model must be in eval mode, so that each sample's score depends on
+    that sample alone.
+
+    Args:
+        model: maps ``[B, *S]`` to logits ``[B, C]``.
+        x: ``[B, *S]`` inputs (pixel space).
+        create_graph: keep the graph of the score (for penalties on it).
+    Returns:
+        ``[B, *S]``, same dtype as ``x``.
+    """
+    check_eval_mode("model", model)
+    check_tensor("x", x, min_ndim=1, finite=True, nonempty=True)
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        logits = model(xg)
+        check_tensor("model(x)", logits, ndim=2)
+        (grad,) = torch.autograd.grad(
+            torch.logsumexp(logits, dim=-1).sum(), xg, create_graph=create_graph
+        )
+    return grad
+
+
+def ams_score(model: nn.Module, x: Tensor) -> Tensor:
+    """Approximate Mass Score ``s(x) = -‖∇x log p(x)‖₂`` per sample (Eq. 5).
+
+    Args:
+        model: in eval mode; maps ``[B, *S]`` to ``[B, C]``.
+        x: ``[B, *S]``.
+    Returns:
+        ``[B]``; closer to 0 is flatter.
+    """
+    return -input_score(model, x).flatten(1).norm(dim=1)
+
+
+# --------------------------------------------------------------------------- fused-op references
+
+
+def weighted_projection_ref(
+    logits: Tensor, noise: Tensor, weight: str = "softmax"
+) -> Tuple[Tensor, Tensor]:
+    """Cotangents of the random-projection estimators, and ``logsumexp``.
+
+    Per row: ``v = noise / ‖noise‖`` (``v = 1`` when ``C = 1``), cotangent
+    ``v ⊙ softmax(z)`` (``weight="softmax"``, AMSReg) or ``v`` (``"uniform"``,
+    Jacobian regularisation), and ``lse = logsumexp(z)``. Differentiable w.r.t.
+    ``logits`` through both outputs (the softmax Jacobian), so a penalty's
+    gradient flows through ``p``.
+
+    Args:
+        logits: ``[B, C]``.
+        noise: ``[P, B, C]``, e.g. standard normal (any scale: rows are normalised).
+        weight: ``"softmax"`` or ``"uniform"``.
+    Returns:
+        ``(cotangents [P, B, C], lse [B])`` in the dtype of ``logits``.
+    """
+    check_tensor("logits", logits, ndim=2)
+    check_tensor("noise", noise, ndim=3)
+    if weight not in WEIGHTS:
+        raise ValueError(f"weight: expected one of {WEIGHTS}, got {weight!r}")
+    if noise.shape[1:] != logits.shape:
+        raise ValueError(
+            f"noise: expected shape [P, {logits.shape[0]}, {logits.shape[1]}], got {tuple(noise.shape)}"
+        )
+    check_same_device(("logits", "noise"), (logits, noise))
+    noise = noise.to(logits.dtype)
+    if logits.shape[1] == 1:
+        v = torch.ones_like(noise)
+    else:
+        v = noise / noise.norm(dim=-1, keepdim=True)
+    lse = torch.logsumexp(logits, dim=-1)
+    if weight == "softmax":
+        cot = v * torch.softmax(logits, dim=-1)
+    else:
+        cot = v
+    return cot, lse
+
+
+def grid_combine_ref(base: Tensor, u: Tensor, v: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Grid synthesis ``out[n, g] = base[n] + a[g]·u[n] + b[g]·v[n]``.
+
+    Args:
+        base, u, v: ``[N, *S]``, same shape.
+        a, b: ``[G]`` grid coordinates along ``u`` and ``v``.
+    Returns:
+        ``[N, G, *S]``.
+    """
+    check_tensor("base", base, min_ndim=1)
+    for name, t in (("u", u), ("v", v)):
+        check_tensor(name, t)
+        if t.shape != base.shape:
+            raise ValueError(f"{name}: expected shape {tuple(base.shape)} (that of base), got {tuple(t.shape)}")
+    check_tensor("a", a, ndim=1)
+    check_tensor("b", b, ndim=1)
+    if a.shape != b.shape:
+        raise ValueError(f"b: expected shape {tuple(a.shape)} (that of a), got {tuple(b.shape)}")
+    check_same_device(("base", "u", "v", "a", "b"), (base, u, v, a, b))
+    extra = (1,) * (base.dim() - 1)
+    a = a.to(base.dtype).view(1, -1, *extra)
+    b = b.to(base.dtype).view(1, -1, *extra)
+    return base.unsqueeze(1) + a * u.unsqueeze(1) + b * v.unsqueeze(1)
+
+
+def grid_relative_loglik_ref(logits: Tensor, base_lse: Tensor) -> Tensor:
+    """``Δlog p`` at every grid point: ``logsumexp(logits[n, g]) - base_lse[n]``.
+
+    Args:
+        logits: ``[N, G, C]``.
+        base_lse: ``[N]``, ``logsumexp`` of the clean inputs' logits.
+    Returns:
+        ``[N, G]``.
+    """
+    check_tensor("logits", logits, ndim=3)
+    check_tensor("base_lse", base_lse, ndim=1)
+    if base_lse.shape[0] != logits.shape[0]:
+        raise ValueError(f"base_lse: expected shape [{logits.shape[0]}], got {tuple(base_lse.shape)}")
+    check_same_device(("logits", "base_lse"), (logits, base_lse))
+    return torch.logsumexp(logits, dim=-1) - base_lse.to(logits.dtype).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- penalties
+
+
+def unit_sphere_noise(
+    n_proj: int, logits: Tensor, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """Standard normal noise ``[P, B, C]`` for the projection estimators.
+
+    Drawn on the logits' device, in float32 for half-precision logits (else
+    their dtype). Rows are normalised by :func:`weighted_projection_ref` to lie
+    uniformly on ``S^{C-1}``.
+    """
+    dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.randn(
+        (n_proj, *logits.shape), generator=generator, device=logits.device, dtype=dtype
+    )
+
+
+def _check_penalty_args(logits: Tensor, inputs: Tensor, estimator: str, n_proj: int) -> None:
+    check_tensor("logits", logits, ndim=2, nonempty=True)
+    check_tensor("inputs", inputs, min_ndim=1)
+    if estimator not in PENALTY_ESTIMATORS:
+        raise ValueError(f"estimator: expected one of {PENALTY_ESTIMATORS}, got {estimator!r}")
+    if not isinstance(n_proj, int) or n_proj < 1:
+        raise ValueError(f"n_proj: expected an integer >= 1, got {n_proj!r}")
+    if not inputs.requires_grad:
+        raise ValueError(
+            "inputs: expected a tensor that requires grad and from which logits were computed; "
+            "call inputs.requires_grad_(True) before the forward pass"
+        )
+    if inputs.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"inputs: expected batch size {logits.shape[0]} (that of logits), got shape {tuple(inputs.shape)}"
+        )
+
+
+def _vjp_sqnorm(logits: Tensor, inputs: Tensor, cotangent: Tensor) -> Tensor:
+    """``‖cotangentᵀ J‖²`` per sample, differentiable (double backward): ``[B, C] -> [B]``."""
+    (g,) = torch.autograd.grad(
+        logits, inputs, grad_outputs=cotangent, create_graph=True, retain_graph=True,
+        allow_unused=True,
+    )
+    if g is None:
+        raise ValueError("inputs: logits do not depend on inputs (not in the graph of logits)")
+    return g.flatten(1).pow(2).sum(1)
+
+
+def _penalty_ref(
+    logits: Tensor,
+    inputs: Tensor,
+    weight: str,
+    estimator: str,
+    n_proj: int,
+    generator: Optional[torch.Generator],
+) -> Tensor:
+    _check_penalty_args(logits, inputs, estimator, n_proj)
+    B, C = logits.shape
+    p = torch.softmax(logits, dim=-1) if weight == "softmax" else torch.ones_like(logits)
+    if estimator == "gradnorm":
+        return _vjp_sqnorm(logits, inputs, p)
+    if estimator == "exact":
+        total = logits.new_zeros(B)
+        for c in range(C):
+            onehot = torch.zeros_like(logits)
+            onehot[:, c] = 1
+            total = total + _vjp_sqnorm(logits, inputs, onehot * p)
+        return total
+    noise = unit_sphere_noise(n_proj, logits, generator)
+    cot, _ = weighted_projection_ref(logits, noise, weight)
+    total = logits.new_zeros(B)
+    for k in range(n_proj):
+        total = total + _vjp_sqnorm(logits, inputs, cot[k])
+    return total * (C / n_proj)
+
+
+def jacobian_penalty_ref(
+    logits: Tensor,
+    inputs: Tensor,
+    *,
+    estimator: str = "projection",
+    n_proj: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Per-sample ``‖J(x)‖²_F`` (Hoffman et al. 2019), differentiable w.r.t. parameters.
+
+    ``projection``: ``(C/P) Σ_p ‖v_pᵀ J‖²``, ``v_p`` uniform on ``S^{C-1}``
+    (unbiased); ``exact``: ``Σ_c ‖e_cᵀ J‖²``.
+
+    Args:
+        logits: ``[B, C]`` computed from ``inputs``.
+        inputs: ``[B, *S]`` with ``requires_grad=True``.
+    Returns:
+        ``[B]``.
+    """
+    if estimator == "gradnorm":
+        raise ValueError(
+            "estimator: 'gradnorm' estimates ‖∇x log p‖², an AMSReg quantity; "
+            "for ‖J‖²_F use 'projection' or 'exact'"
+        )
+    return _penalty_ref(logits, inputs, "uniform", estimator, n_proj, generator)
+
+
+def amsreg_penalty_ref(
+    logits: Tensor,
+    inputs: Tensor,
+    *,
+    estimator: str = "projection",
+    n_proj: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Per-sample AMSReg penalty ``‖diag(p) J(x)‖²_F``, ``p = softmax(f(x))`` (Eq. 24).
+
+    ``projection``: ``(C/P) Σ_p ‖(v_p ⊙ p)ᵀ J‖²`` (unbiased); ``exact``:
+    ``Σ_c p_c² ‖e_cᵀ J‖²``; ``gradnorm``: ``‖∇x log p(x)‖² = ‖pᵀ J‖²``, which
+    Prop. 3.1 bounds by ``C ‖diag(p) J‖²_F``. The gradient flows through ``p``.
+
+    Args:
+        logits: ``[B, C]`` computed from ``inputs``.
+        inputs: ``[B, *S]`` with ``requires_grad=True``.
+    Returns:
+        ``[B]``.
+    """
+    return _penalty_ref(logits, inputs, "softmax", estimator, n_proj, generator)
+
+
+# --------------------------------------------------------------------------- landscapes
+
+
+def signed_orthogonal_directions(
+    x: Tensor, generator: Optional[torch.Generator] = None
+) -> Tuple[Tensor, Tensor]:
+    """Two exactly orthogonal signed directions per sample (DESIGN §1).
+
+    ``d1`` is Rademacher (``±1``); ``d2`` agrees with ``d1`` on a random half
+    of the coordinates and disagrees on the other half, so ``d1·d2 = 0``
+    exactly. For odd ``D`` one random coordinate of ``d2`` is 0.
+
+    Args:
+        x: ``[N, *S]`` (only its shape, dtype and device are used); ``D = prod(S) >= 2``.
+        generator: on ``x``'s device, for reproducible draws.
+    Returns:
+        ``(d1, d2)``, each ``[N, *S]`` in ``x``'s dtype.
+    """
+    check_tensor("x", x, min_ndim=2)
+    N = x.shape[0]
+    D = math.prod(x.shape[1:])
+    if D < 2:
+        raise ValueError(f"x: expected at least 2 features per sample, got shape {tuple(x.shape)}")
+    dev, dt = x.device, x.dtype
+    d1 = torch.randint(0, 2, (N, D), generator=generator, device=dev).to(dt) * 2 - 1
+    half = D // 2
+    template = torch.cat(
+        [torch.ones(half, device=dev, dtype=dt), -torch.ones(half, device=dev, dtype=dt),
+         torch.zeros(D - 2 * half, device=dev, dtype=dt)]
+    )
+    perm = torch.rand((N, D), generator=generator, device=dev).argsort(dim=1)
+    signs = torch.empty((N, D), device=dev, dtype=dt).scatter_(1, perm, template.expand(N, D))
+    d2 = d1 * signs
+    return d1.view_as(x), d2.view_as(x)
+
+
+def _check_grid_args(x: Tensor, d1: Tensor, d2: Tensor, alphas: Tensor, betas: Tensor) -> None:
+    check_tensor("x", x, min_ndim=2, finite=True)
+    check_tensor("alphas", alphas, ndim=1)
+    check_tensor("betas", betas, ndim=1)
+    for name, d in (("d1", d1), ("d2", d2)):
+        check_tensor(name, d)
+        if d.shape[-x.dim():] != x.shape:
+            raise ValueError(f"{name}: expected shape [..., {', '.join(map(str, x.shape))}], got {tuple(d.shape)}")
+
+
+def landscape_ref(
+    model: nn.Module, x: Tensor, d1: Tensor, d2: Tensor, alphas: Tensor, betas: Tensor
+) -> Tensor:
+    """``Δlog p`` on the grid ``x + a·d1 + b·d2``, one point at a time.
+
+    Args:
+        model: in eval mode.
+        x, d1, d2: ``[N, *S]``.
+        alphas: ``[Sa]`` steps along ``d1``; betas: ``[Sb]`` steps along ``d2``.
+    Returns:
+        ``[N, Sb, Sa]`` (alphas along the last axis).
+    """
+    check_eval_mode("model", model)
+    _check_grid_args(x, d1, d2, alphas, betas)
+    out = x.new_empty((x.shape[0], betas.shape[0], alphas.shape[0]))
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            base = torch.logsumexp(model(x[i : i + 1]), dim=-1)[0]
+            for bi, b in enumerate(betas.tolist()):
+                for ai, a in enumerate(alphas.tolist()):
+                    xp = x[i] + a * d1[i] + b * d2[i]
+                    out[i, bi, ai] = torch.logsumexp(model(xp[None]), dim=-1)[0] - base
+    return out
+
+
+def flatness_ref(
+    model: nn.Module,
+    x: Tensor,
+    d1: Tensor,
+    d2: Tensor,
+    alphas: Tensor,
+    betas: Tensor,
+    reduction: str = "sum",
+) -> Tensor:
+    """Per-sample flatness ``φ(x)`` (Eq. 7), one grid point at a time.
+
+    ``φ(x_i) = (1/n) Σ_j Σ_{a, b} s(x_i + a·d1[j, i] + b·d2[j, i])`` with
+    ``s`` the AMS score; ``reduction="mean"`` also divides by the number of grid
+    points ``G = Sa·Sb`` (comparable across grid sizes). Points are not clipped
+    to [0, 1].
+
+    Args:
+        model: in eval mode.
+        x: ``[N, *S]``.
+        d1, d2: ``[n, N, *S]``, ``n`` direction pairs per sample.
+        alphas: ``[Sa]``; betas: ``[Sb]``.
+        reduction: ``"sum"`` (the paper's) or ``"mean"``.
+    Returns:
+        ``[N]``; higher (closer to 0) is flatter.
+    """
+    check_eval_mode("model", model)
+    _check_grid_args(x, d1, d2, alphas, betas)
+    if d1.dim() != x.dim() + 1 or d1.shape != d2.shape:
+        raise ValueError(f"d1, d2: expected shape [n, {', '.join(map(str, x.shape))}], got {tuple(d1.shape)}, {tuple(d2.shape)}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction: expected 'sum' or 'mean', got {reduction!r}")
+    n = d1.shape[0]
+    phi = x.new_zeros(x.shape[0])
+    for i in range(x.shape[0]):
+        total = 0.0
+        for j in range(n):
+            for b in betas.tolist():
+                for a in alphas.tolist():
+                    xp = x[i] + a * d1[j, i] + b * d2[j, i]
+                    total = total + ams_score(model, xp[None])[0]
+        phi[i] = total / n
+    if reduction == "mean":
+        phi = phi / (alphas.shape[0] * betas.shape[0])
+    return phi

@@ -1,0 +1,89 @@
+"""Shared test helpers: devices, tolerances, backends and tiny models.
+
+Used by ``tests/`` and ``benchmarks/``; importable by users who test their own
+extensions against fastland's references.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "devices",
+    "TOLERANCES",
+    "tolerance",
+    "tiny_mlp",
+    "tiny_cnn",
+    "tiny_bn_cnn",
+    "assert_close_to_reference",
+]
+
+
+def devices() -> List[torch.device]:
+    """CPU, plus CUDA when present (checked without initialising CUDA when absent)."""
+    out = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        out.append(torch.device("cuda"))
+    return out
+
+
+# (atol, rtol) per dtype for kernels held to a float64 reference.
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def tolerance(dtype: torch.dtype) -> Dict[str, float]:
+    """``dict(atol=..., rtol=...)`` for ``torch.testing.assert_close`` at ``dtype``."""
+    atol, rtol = TOLERANCES[dtype]
+    return {"atol": atol, "rtol": rtol}
+
+
+def assert_close_to_reference(
+    out: torch.Tensor, ref_same_dtype: torch.Tensor, ref_fp64: torch.Tensor, atol: float = 1e-6
+) -> None:
+    """The flash-attention rule: the kernel's error against a float64 reference is
+    within 2x PyTorch's own same-dtype error, plus ``atol``."""
+    err = (out.double() - ref_fp64).abs().max().item() if out.numel() else 0.0
+    base = (ref_same_dtype.double() - ref_fp64).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * base + atol, f"max error {err:.3e} > 2 x reference error {base:.3e} + {atol:.1e}"
+
+
+def tiny_mlp(in_shape: Tuple[int, ...] = (1, 4, 4), n_classes: int = 3, hidden: int = 8) -> nn.Module:
+    """Flatten -> Linear -> tanh -> Linear: smooth, so double backward is exact."""
+    d = 1
+    for s in in_shape:
+        d *= s
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
+
+
+def tiny_cnn(in_channels: int = 1, n_classes: int = 3, size: int = 6) -> nn.Module:
+    """Conv -> softplus -> Linear for ``[B, in_channels, size, size]`` inputs."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 4, 3, padding=1), nn.Softplus(), nn.Flatten(),
+        nn.Linear(4 * size * size, n_classes),
+    )
+
+
+def tiny_bn_cnn(in_channels: int = 1, n_classes: int = 3, size: int = 6) -> nn.Module:
+    """Conv -> BatchNorm -> tanh -> Linear; call ``.eval()`` for per-sample quantities.
+
+    The BatchNorm running statistics are set to non-trivial values so that
+    eval mode differs from the identity.
+    """
+    m = nn.Sequential(
+        nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(),
+        nn.Linear(4 * size * size, n_classes),
+    )
+    bn = m[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return m
