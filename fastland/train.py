@@ -1,0 +1,737 @@
+"""One training loop for the defences ``none | at | jacobian | amsreg``.
+
+The objective per mini-batch (DESIGN §1, the convention of Hoffman et al.'s code):
+
+* ``none``: ``mean CE(f(x), y)``;
+* ``at``: ``mean CE(f(x_adv), y)`` with ``x_adv`` a PGD-k attack (L∞, random
+  start, ``α = 2.5·ε/k`` by default), generated with the model in eval mode;
+* ``jacobian``: ``mean CE + (λ/2)·mean ‖J‖²_F``;
+* ``amsreg``: ``mean CE + (λ/2)·mean ‖diag(p) J‖²_F`` (any estimator of
+  :func:`fastland.amsreg_loss`).
+
+SGD with momentum 0.9 and weight decay, learning rate ÷10 after 50% and 75% of
+the epochs (the paper's schedule). Every epoch writes an atomic checkpoint
+(model, optimiser, scheduler, completed epochs, metrics, and every RNG state:
+torch, CUDA, numpy, python and the loop's own generator) so that ``resume=True``
+continues exactly where the run stopped: on CPU a resumed run equals an
+uninterrupted one bit for bit. Under ``torchrun`` the loop runs DDP (gloo on
+CPU, nccl on GPU) with a :class:`~torch.utils.data.DistributedSampler`.
+
+Files in a run folder ``out_dir``: ``config.json``, ``checkpoint.pt`` (the
+latest epoch), ``metrics.jsonl`` (one JSON object per completed epoch) and, when
+all epochs are done, ``model.pt`` (config + final weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFENCES",
+    "PaperSettings",
+    "paper_settings",
+    "TrainConfig",
+    "TrainResult",
+    "defence_loss",
+    "fit",
+    "train",
+    "build_model",
+    "load_trained",
+    "is_complete",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_torch_save",
+]
+
+DEFENCES = ("none", "at", "jacobian", "amsreg")
+CHECKPOINT = "checkpoint.pt"
+FINAL = "model.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- paper settings
+
+
+@dataclass(frozen=True)
+class PaperSettings:
+    """The paper's per-data-set settings (DESIGN §1, Tables 1 and 2).
+
+    ``eval_*``: the PGD attack of the evaluation; ``at_eps``: ε of PGD-10
+    adversarial training; ``lam_*``: the regularisation strengths λ of the
+    objective ``CE + (λ/2)·penalty``. All ε and α are in pixel units ([0, 1]).
+    """
+
+    eval_eps: float
+    eval_alpha: float
+    eval_steps: int
+    at_eps: float
+    at_steps: int
+    lam_jacobian: float
+    lam_amsreg: float
+
+
+_PAPER: Dict[str, PaperSettings] = {
+    "fmnist": PaperSettings(25 / 255, 6.25 / 255, 10, 10 / 255, 10, 0.01, 0.5),
+    "cifar10": PaperSettings(8 / 255, 2 / 255, 5, 3 / 255, 10, 0.05, 1.0),
+}
+# default base learning rate per architecture (the paper does not state one)
+_BASE_LR = {"lenet": 0.01, "ddnet": 0.01, "resnet18": 0.1}
+
+
+def paper_settings(dataset: str) -> PaperSettings:
+    """The paper's settings for ``dataset`` (``"fmnist"``, ``"cifar10"``; others
+    such as ``"synthetic"`` get the Fashion-MNIST ones)."""
+    return _PAPER.get(dataset, _PAPER["fmnist"])
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json``).
+
+    ``None`` fields take the paper's defaults for the data set and defence:
+    ``lr`` per model (0.01 LeNet/DDNet, 0.1 ResNet-18), ``lam`` per defence
+    (Tables 1/2), ``at_eps`` per data set and ``at_alpha = 2.5·at_eps/at_steps``.
+    ``train_size`` keeps that many training examples (a fixed random subset;
+    for ``synthetic`` it is the data set size, default 512).
+    """
+
+    model: str = "lenet"
+    dataset: str = "fmnist"
+    defence: str = "none"
+    epochs: int = 200
+    batch_size: int = 128
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lam: Optional[float] = None
+    estimator: str = "projection"
+    n_proj: int = 1
+    at_eps: Optional[float] = None
+    at_alpha: Optional[float] = None
+    at_steps: int = 10
+    seed: int = 0
+    train_size: Optional[int] = None
+    synthetic_shape: Tuple[int, ...] = (1, 28, 28)
+    synthetic_classes: int = 10
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every ``None`` default filled in and the fields validated."""
+        c = dataclasses.replace(self, synthetic_shape=tuple(self.synthetic_shape))
+        _validate(c)
+        ps = paper_settings(c.dataset)
+        if c.lr is None:
+            c.lr = _BASE_LR.get(c.model, 0.01)
+        if c.lam is None:
+            c.lam = {"jacobian": ps.lam_jacobian, "amsreg": ps.lam_amsreg}.get(c.defence, 0.0)
+        if c.at_eps is None:
+            c.at_eps = ps.at_eps if c.defence == "at" else 0.0
+        if c.at_alpha is None:
+            c.at_alpha = 2.5 * c.at_eps / c.at_steps
+        return c
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["synthetic_shape"] = list(self.synthetic_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}; expected a subset of {sorted(known)}")
+        d = dict(d)
+        if "synthetic_shape" in d:
+            d["synthetic_shape"] = tuple(d["synthetic_shape"])
+        return cls(**d)
+
+
+def _validate(c: TrainConfig) -> None:
+    def need(cond: bool, name: str, expected: str, got: Any) -> None:
+        if not cond:
+            raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+    need(c.defence in DEFENCES, "defence", f"one of {DEFENCES}", c.defence)
+    need(isinstance(c.epochs, int) and c.epochs >= 1, "epochs", "an integer >= 1", c.epochs)
+    need(isinstance(c.batch_size, int) and c.batch_size >= 1, "batch_size", "an integer >= 1", c.batch_size)
+    need(c.lr is None or c.lr > 0, "lr", "a positive number", c.lr)
+    need(0 <= c.momentum < 1, "momentum", "a number in [0, 1)", c.momentum)
+    need(c.weight_decay >= 0, "weight_decay", "a number >= 0", c.weight_decay)
+    need(c.lam is None or c.lam >= 0, "lam", "a number >= 0", c.lam)
+    need(isinstance(c.n_proj, int) and c.n_proj >= 1, "n_proj", "an integer >= 1", c.n_proj)
+    need(c.at_eps is None or c.at_eps >= 0, "at_eps", "a number >= 0", c.at_eps)
+    need(c.at_alpha is None or c.at_alpha >= 0, "at_alpha", "a number >= 0", c.at_alpha)
+    need(isinstance(c.at_steps, int) and c.at_steps >= 1, "at_steps", "an integer >= 1", c.at_steps)
+    need(c.train_size is None or (isinstance(c.train_size, int) and c.train_size >= 1),
+         "train_size", "an integer >= 1 or None", c.train_size)
+    estimators = ("projection", "exact", "gradnorm", "finite_difference")
+    need(c.estimator in estimators, "estimator", f"one of {estimators}", c.estimator)
+    if c.defence == "jacobian":
+        need(c.estimator in ("projection", "exact"), "estimator",
+             "'projection' or 'exact' for the Jacobian defence", c.estimator)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def _penalty(defence: str) -> Callable[..., Tensor]:
+    from . import penalties
+
+    return penalties.amsreg_loss if defence == "amsreg" else penalties.jacobian_loss
+
+
+def defence_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: TrainConfig,
+    generator: Optional[torch.Generator] = None,
+    attack_model: Optional[nn.Module] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The training objective of ``config.defence`` on one mini-batch.
+
+    Args:
+        model: in train mode; maps ``[B, *S]`` to logits ``[B, C]``.
+        x: ``[B, *S]`` inputs in [0, 1]; y: ``[B]`` int64 labels.
+        config: a :meth:`TrainConfig.resolved` config.
+        generator: on ``x``'s device, for the penalty's projections and PGD's
+            random start (reproducible runs).
+        attack_model: the module PGD attacks (default ``model``; under DDP the
+            unwrapped module, so that the attack's passes bypass DDP).
+    Returns:
+        ``(loss, ce, penalty, logits)``: the scalar objective, the scalar mean
+        cross-entropy, the scalar mean penalty (0 for ``none``/``at``) and the
+        logits ``[B, C]`` the cross-entropy was computed on.
+    """
+    d = config.defence
+    if d == "at":
+        from .attacks import pgd
+
+        x = pgd(attack_model if attack_model is not None else model, x, y,
+                eps=config.at_eps, alpha=config.at_alpha, steps=config.at_steps,
+                random_start=True, generator=generator)
+    if d in ("jacobian", "amsreg"):
+        x = x.detach().clone().requires_grad_(True)
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        kwargs: Dict[str, Any] = dict(n_proj=config.n_proj, estimator=config.estimator, generator=generator)
+        if config.estimator == "finite_difference":
+            kwargs["model"] = model
+        penalty = _penalty(d)(logits, x, **kwargs)
+        return ce + config.lam / 2 * penalty, ce, penalty, logits
+    logits = model(x)
+    ce = F.cross_entropy(logits, y)
+    return ce, ce, ce.new_zeros(()), logits
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: os.PathLike | str, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: os.PathLike | str) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def _global_rng_state() -> Dict[str, Any]:
+    """torch, CUDA, numpy and python RNG states as tensors/lists (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def _set_global_rng_state(s: Dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class _Dist:
+    """Process-group facts: ``world == 1`` means no DDP."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _resolve_device(device: str | torch.device, dist_info: Optional[_Dist] = None) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        local = int(os.environ.get("LOCAL_RANK", "0")) if dist_info is None else dist_info.local_rank
+        dev = torch.device("cuda", local)
+    return dev
+
+
+def _all_reduce_sum(values: List[float], d: _Dist, device: torch.device) -> List[float]:
+    if d.world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather_states(state: Tensor, d: _Dist) -> List[Tensor]:
+    """Every rank's generator state (rank order) — one per rank in the checkpoint."""
+    if d.world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    out: List[Any] = [None] * d.world
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _barrier(d: _Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns: the trained model (unwrapped, train mode left as is),
+    the run folder, the epochs completed so far and one metrics dict per epoch."""
+
+    model: nn.Module
+    out_dir: Path
+    epochs_done: int
+    metrics: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return (self.out_dir / FINAL).exists()
+
+
+def _progress(iterable: Iterable, enabled: bool, **kwargs: Any) -> Iterable:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return iterable
+    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def _epoch_indices(n: int, epoch: int, seed: int, d: _Dist, shuffle: bool = True) -> List[int]:
+    """This rank's sample order for ``epoch`` (a DistributedSampler's, seeded by ``seed``+epoch)."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=shuffle, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(iter(sampler))
+
+
+def _milestones(epochs: int) -> List[int]:
+    """lr ÷10 after 50% and 75% of the epochs (epoch indices, at least 1)."""
+    return [max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75))]
+
+
+def _make_optimizer(model: nn.Module, c: TrainConfig) -> Tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestones(c.epochs), gamma=0.1)
+    return opt, sched
+
+
+def _scheduler_state(sched: Any) -> Dict[str, Any]:
+    s = sched.state_dict()
+    s["milestones"] = dict(s["milestones"])  # Counter -> dict for weights_only loading
+    return s
+
+
+def _load_scheduler_state(sched: Any, s: Dict[str, Any]) -> None:
+    from collections import Counter
+
+    s = dict(s)
+    s["milestones"] = Counter(s["milestones"])
+    sched.load_state_dict(s)
+
+
+def _check_same_config(saved: Dict[str, Any], now: Dict[str, Any], out_dir: Path) -> None:
+    """A resumed run must use the settings its checkpoint was written with."""
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        what = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
+        raise ValueError(f"config: the checkpoint in {out_dir} was written with other settings ({what}); "
+                         "resume with the same settings or choose another folder")
+
+
+def _load_checkpoint(path: Path) -> Dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _write_metrics(out_dir: Path, metrics: List[Dict[str, Any]]) -> None:
+    atomic_write_text(out_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, x.shape[0], batch_size):
+        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    model.train(was)
+    return correct / max(1, x.shape[0])
+
+
+def fit(
+    model: nn.Module,
+    train_data: Tuple[Tensor, Tensor],
+    config: TrainConfig,
+    out_dir: os.PathLike | str,
+    *,
+    test_data: Optional[Tuple[Tensor, Tensor]] = None,
+    resume: bool = False,
+    stop_after: Optional[int] = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` with ``config``, checkpointing to ``out_dir`` every epoch.
+
+    Args:
+        model: freshly initialised (seed the global RNG before building it for
+            reproducible runs; :func:`train` does).
+        train_data: ``(x [N, *S] float in [0, 1], y [N] int64)`` in memory; moved
+            to the device once; batches are index gathers (no DataLoader).
+        config: the run's settings (``None`` fields resolved here).
+        out_dir: the run folder (created).
+        test_data: optional ``(x, y)``; when given, each epoch's metrics have the
+            clean test accuracy ``test_acc``.
+        resume: continue from ``out_dir/checkpoint.pt`` when present (same
+            config required); without it an existing checkpoint is an error.
+        stop_after: stop (checkpointed) once this many epochs are done — an
+            interruption on purpose; a later ``resume=True`` call finishes.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ... Under
+            ``torchrun`` each rank uses ``cuda:LOCAL_RANK`` (or the CPU, gloo).
+        progress: tqdm bars (rank 0 only).
+    Returns:
+        :class:`TrainResult`; the model is returned unwrapped, in eval mode.
+    """
+    c = config.resolved()
+    out_dir = Path(out_dir)
+    x_all, y_all = _check_train_data(train_data)
+    dist_info = _init_distributed(_resolve_device(device))
+    dev = _resolve_device(device, dist_info)
+    model = model.to(dev)
+    opt, sched = _make_optimizer(model, c)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(c.seed * 7919 + dist_info.rank + 1)
+    metrics: List[Dict[str, Any]] = []
+    start = 0
+
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"out_dir: {out_dir} already holds a checkpoint; pass resume=True (--resume) "
+                "to continue it, or choose another folder"
+            )
+        ck = _load_checkpoint(ckpt_path)
+        _check_same_config(ck["config"], c.to_dict(), out_dir)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        _load_scheduler_state(sched, ck["scheduler"])
+        start = int(ck["epoch"])
+        metrics = list(ck["metrics"])
+        _set_global_rng_state(ck["rng"])
+        gens = ck["rng"]["generator"]
+        gen.set_state(gens[dist_info.rank % len(gens)])
+    elif dist_info.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / CONFIG, json.dumps(c.to_dict(), indent=2) + "\n")
+
+    x_all, y_all = x_all.to(dev), y_all.to(dev)
+    test = None if test_data is None else tuple(t.to(dev) for t in _check_train_data(test_data, "test_data"))
+    net: nn.Module = model
+    if dist_info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    end = c.epochs if stop_after is None else min(c.epochs, stop_after)
+    show = progress and dist_info.main
+    for epoch in range(start, end):
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        sums = _train_epoch(net, model, x_all, y_all, c, opt, gen, epoch, dist_info, dev, show)
+        sched.step()
+        m = {"epoch": epoch + 1, "lr": lr, **sums, "time_s": round(time.perf_counter() - t0, 3)}
+        if test is not None:
+            m["test_acc"] = _accuracy(model, *test)
+        metrics.append(m)
+        if show:
+            print(json.dumps(m), flush=True)
+        gens = _gather_states(gen.get_state(), dist_info)
+        if dist_info.main:
+            state = {
+                "format": _FORMAT,
+                "epoch": epoch + 1,
+                "config": c.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": _scheduler_state(sched),
+                "metrics": metrics,
+                "rng": {**_global_rng_state(), "generator": gens},
+            }
+            atomic_torch_save(state, ckpt_path)
+            _write_metrics(out_dir, metrics)
+        _barrier(dist_info)
+
+    done = len(metrics)
+    if done >= c.epochs and dist_info.main and not (out_dir / FINAL).exists():
+        atomic_torch_save({"format": _FORMAT, "config": c.to_dict(), "model": model.state_dict(),
+                           "epochs": done, "metrics": metrics}, out_dir / FINAL)
+    _barrier(dist_info)
+    model.eval()
+    return TrainResult(model, out_dir, done, metrics)
+
+
+def _check_train_data(data: Any, name: str = "train_data") -> Tuple[Tensor, Tensor]:
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        if hasattr(data, "tensors") and len(data.tensors) == 2:  # TensorDataset
+            data = data.tensors
+        else:
+            raise TypeError(f"{name}: expected (x, y) tensors or a TensorDataset, got {type(data).__name__}")
+    x, y = data
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2):
+        raise ValueError(f"{name}: expected x as a floating-point [N, *S] tensor, got {getattr(x, 'shape', x)!r}")
+    if not (isinstance(y, Tensor) and y.dtype == torch.int64 and y.shape == x.shape[:1]):
+        raise ValueError(
+            f"{name}: expected y as an int64 [{x.shape[0]}] tensor, got "
+            f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one example, got none")
+    return x, y
+
+
+def _train_epoch(
+    net: nn.Module,
+    model: nn.Module,
+    x_all: Tensor,
+    y_all: Tensor,
+    c: TrainConfig,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    epoch: int,
+    d: _Dist,
+    dev: torch.device,
+    show: bool,
+) -> Dict[str, float]:
+    """One pass over this rank's share of the data; returns the epoch's mean loss,
+    cross-entropy, penalty and training accuracy over all ranks."""
+    net.train()
+    order = torch.tensor(_epoch_indices(x_all.shape[0], epoch, c.seed, d), dtype=torch.long, device=dev)
+    batches = [order[i:i + c.batch_size] for i in range(0, order.numel(), c.batch_size)]
+    tot_loss = tot_ce = tot_pen = 0.0
+    correct = count = 0
+    bar = _progress(batches, show, desc=f"epoch {epoch + 1}/{c.epochs} [{c.defence}]", unit="batch")
+    for idx in bar:
+        x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)
+        loss, ce, pen, logits = defence_loss(net, x, y, c, gen, attack_model=model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        b = y.shape[0]
+        tot_loss += float(loss.detach()) * b
+        tot_ce += float(ce.detach()) * b
+        tot_pen += float(pen.detach()) * b
+        correct += int((logits.detach().argmax(1) == y).sum())
+        count += b
+        if show and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{tot_loss / count:.4f}", acc=f"{correct / count:.3f}")
+    tot_loss, tot_ce, tot_pen, correct, count = _all_reduce_sum(
+        [tot_loss, tot_ce, tot_pen, float(correct), float(count)], d, dev)
+    return {"loss": tot_loss / count, "ce": tot_ce / count, "penalty": tot_pen / count,
+            "train_acc": correct / count}
+
+
+# --------------------------------------------------------------------------- from names
+
+
+def build_model(c: TrainConfig) -> nn.Module:
+    """``fastland.models.create`` for the config's model and data set."""
+    from . import models
+
+    if c.dataset == "synthetic":
+        from .data import synthetic_info
+
+        return models.create(c.model, synthetic_info(c.synthetic_shape, c.synthetic_classes))
+    return models.create(c.model, c.dataset)
+
+
+def load_data(
+    c: TrainConfig, split: str, *, data_dir: Optional[str] = None, download: bool = False
+) -> Tuple[Tensor, Tensor]:
+    """``(x, y)`` for the config's data set and ``split`` (``"train"``: limited to
+    ``train_size`` examples, a fixed random subset)."""
+    from . import data
+
+    if c.dataset == "synthetic":
+        n = (c.train_size or 512) if split == "train" else max(64, (c.train_size or 512) // 4)
+        ds = data.synthetic_dataset(n, shape=tuple(c.synthetic_shape), n_classes=c.synthetic_classes,
+                                    seed=c.seed * 2 + (0 if split == "train" else 1))
+        return ds.tensors[0], ds.tensors[1]
+    ds = data.load_dataset(c.dataset, split, data_dir=data_dir, download=download)
+    x, y = ds.tensors
+    if split == "train" and c.train_size is not None and c.train_size < x.shape[0]:
+        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(c.seed))[: c.train_size]
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def train(
+    config: TrainConfig,
+    out_dir: os.PathLike | str,
+    *,
+    data_dir: Optional[str] = None,
+    download: bool = False,
+    resume: bool = False,
+    stop_after: Optional[int] = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    eval_test: bool = True,
+) -> TrainResult:
+    """Seed, build the model and the data from ``config``'s names, and :func:`fit`.
+
+    A finished run (``out_dir/model.pt`` present) is loaded, not retrained, when
+    ``resume`` is set.
+    """
+    c = config.resolved()
+    out_dir = Path(out_dir)
+    if resume and is_complete(out_dir):
+        final = torch.load(out_dir / FINAL, map_location="cpu", weights_only=True)
+        if final["config"] == c.to_dict():
+            model = build_model(c)
+            model.load_state_dict(final["model"])
+            return TrainResult(model.eval(), out_dir, int(final["epochs"]), list(final["metrics"]))
+    _seed_everything(c.seed)
+    model = build_model(c)
+    train_xy = load_data(c, "train", data_dir=data_dir, download=download)
+    test_xy = load_data(c, "test", data_dir=data_dir, download=download) if eval_test else None
+    return fit(model, train_xy, c, out_dir, test_data=test_xy, resume=resume, stop_after=stop_after,
+               device=device, progress=progress)
+
+
+def is_complete(run_dir: os.PathLike | str) -> bool:
+    """True when ``run_dir`` holds a finished run (``model.pt``)."""
+    return (Path(run_dir) / FINAL).exists()
+
+
+def load_trained(run_dir: os.PathLike | str, device: str | torch.device = "cpu") -> Tuple[nn.Module, TrainConfig]:
+    """The finished model of ``run_dir`` (eval mode) and its config; a run folder with
+    only ``checkpoint.pt`` (unfinished) gives its latest epoch's weights."""
+    run_dir = Path(run_dir)
+    path = run_dir / FINAL if (run_dir / FINAL).exists() else run_dir / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"run_dir: no {FINAL} or {CHECKPOINT} in {run_dir}; train a model there first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    c = TrainConfig.from_dict(state["config"])
+    model = build_model(c)
+    model.load_state_dict(state["model"])
+    return model.to(_resolve_device(device)).eval(), c
