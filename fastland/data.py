@@ -2,21 +2,74 @@
 
 Images are float32 ``[N, C, H, W]`` in pixel space ``[0, 1]``; labels int64
 ``[N]``. (Normalisation belongs to the model: see :mod:`fastland.models`.)
+Whole sets live in memory as tensors, decoded once; :func:`tensor_batches`
+iterates over them by slicing whole batches (no per-sample Python).
+
+Fashion-MNIST is parsed from the IDX files (``.gz`` or unzipped) with
+gzip + numpy, searched in this order (DESIGN §4):
+
+1. ``data_dir`` and ``data_dir/FashionMNIST/raw``,
+2. ``/usr/share/datasets/fashion-mnist`` (Debian: ``apt-get install dataset-fashion-mnist``),
+3. the torchvision root ``$FASTLAND_DATA`` (default ``~/.cache/fastland``) and its
+   ``FashionMNIST/raw``;
+
+``download=True`` fetches the files with torchvision into ``data_dir`` (or the
+default root) when none is found. CIFAR-10 is read from
+``<root>/cifar-10-batches-py`` for ``data_dir`` then the default root. Missing
+files raise :class:`DataNotFoundError` listing every path tried and the
+remedies; corrupt or truncated files raise :class:`DataCorruptError`.
 """
 from __future__ import annotations
 
+import gzip
+import os
+import pickle
+import zlib
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
 __all__ = [
     "DatasetInfo",
     "DATASETS",
+    "DataNotFoundError",
+    "DataCorruptError",
+    "load_dataset",
+    "read_idx",
+    "default_root",
+    "DEBIAN_FMNIST_DIR",
     "synthetic_info",
     "synthetic_dataset",
+    "tensor_batches",
 ]
+
+PathLike = Union[str, "os.PathLike[str]"]
+SPLITS = ("train", "test")
+DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set's files are missing; the message lists every path tried and the remedies.
+
+    Attributes:
+        tried: the paths looked at, in search order.
+    """
+
+    def __init__(self, message: str, tried: Sequence[Path] = ()) -> None:
+        super().__init__(message)
+        self.tried = list(tried)
+
+    def __str__(self) -> str:  # FileNotFoundError would prefix an errno otherwise
+        return str(self.args[0])
+
+
+class DataCorruptError(ValueError):
+    """A data file exists but is truncated, of the wrong format or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -109,3 +162,332 @@ def synthetic_dataset(
     noise = torch.randn((n, *info.shape), generator=gen)
     images = (prototypes[labels] + 0.15 * noise).clamp_(0.0, 1.0)
     return TensorDataset(images, labels)
+
+
+# --------------------------------------------------------------------------- in-memory batches
+
+
+def tensor_batches(
+    dataset: TensorDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[Tuple[Tensor, ...]]:
+    """Iterate over an in-memory ``TensorDataset`` one whole batch at a time.
+
+    Equivalent to ``DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last)``
+    but indexes each tensor once per batch instead of once per sample, then
+    stacks nothing: no per-sample Python.
+
+    Args:
+        dataset: a ``TensorDataset`` of tensors ``[N, ...]`` (on any device).
+        batch_size: ``b ≥ 1``.
+        shuffle: draw a fresh permutation (from ``generator``) per call.
+        drop_last: skip a final batch smaller than ``b``.
+        generator: a CPU ``torch.Generator`` for the permutation, or None for the global one.
+    Yields:
+        tuples ``(t[idx] for t in dataset.tensors)``, each ``[b, ...]`` (the last may be smaller).
+    """
+    if not isinstance(dataset, TensorDataset):
+        raise TypeError(f"dataset: expected a TensorDataset, got {type(dataset).__name__}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    tensors = dataset.tensors
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            yield tuple(t[start:start + batch_size] for t in tensors)
+        else:
+            idx = order[start:start + batch_size]
+            yield tuple(t[idx.to(t.device)] for t in tensors)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_root() -> Path:
+    """The torchvision-style data root: ``$FASTLAND_DATA``, else ``~/.cache/fastland``."""
+    return Path(os.environ.get("FASTLAND_DATA", "~/.cache/fastland")).expanduser()
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: Optional[PathLike] = None,
+    download: bool = False,
+) -> TensorDataset:
+    """Load a whole split into memory.
+
+    Args:
+        name: ``"fmnist"`` or ``"cifar10"`` (see :data:`DATASETS`).
+        split: ``"train"`` or ``"test"``.
+        data_dir: a folder searched first (and the download target).
+        download: fetch the files with torchvision when they are not found.
+    Returns:
+        ``TensorDataset(images [N, C, H, W] float32 in [0, 1], labels [N] int64)``.
+    Raises:
+        DataNotFoundError: no files found (the message names every path tried).
+        DataCorruptError: files found but truncated or malformed.
+    """
+    if name not in DATASETS:
+        valid = ", ".join(repr(n) for n in DATASETS)
+        raise ValueError(
+            f"name: expected one of {valid}, got {name!r} "
+            "(for synthetic data use fastland.data.synthetic_dataset)"
+        )
+    if split not in SPLITS:
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    root = Path(data_dir).expanduser() if data_dir is not None else None
+    if name == "fmnist":
+        images, labels = _load_fmnist(split, root, download)
+    else:
+        images, labels = _load_cifar10(split, root, download)
+    return TensorDataset(images, labels)
+
+
+# --------------------------------------------------------------------------- IDX (Fashion-MNIST)
+
+_IDX_DTYPES = {0x08: np.dtype(np.uint8)}  # the only type Fashion-MNIST uses
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when the name ends in ``.gz``."""
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataCorruptError(
+            f"{path}: cannot decompress ({exc}); the file is truncated or not gzip"
+        ) from exc
+
+
+def read_idx(path: PathLike, ndim: Optional[int] = None) -> np.ndarray:
+    """Parse an IDX file (LeCun's MNIST format, optionally gzipped) into a uint8 array.
+
+    Checks the magic number (two zero bytes, type 0x08, number of dimensions),
+    ``ndim`` when given, and that the payload is exactly ``prod(dims)`` bytes.
+
+    Args:
+        path: ``*-idx?-ubyte`` or ``*-idx?-ubyte.gz``.
+        ndim: the number of dimensions expected (3 for images, 1 for labels), or None.
+    Returns:
+        a read-only ``np.ndarray`` of shape ``dims``, dtype uint8.
+    Raises:
+        DataCorruptError: naming the file and what is wrong.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise DataCorruptError(f"{path}: {len(data)} bytes, too short for an IDX header")
+    zero0, zero1, type_code, nd = data[0], data[1], data[2], data[3]
+    if zero0 or zero1 or type_code not in _IDX_DTYPES:
+        raise DataCorruptError(
+            f"{path}: bad IDX magic number {data[:4].hex()} "
+            "(expected 0000 08 followed by the number of dimensions)"
+        )
+    if ndim is not None and nd != ndim:
+        raise DataCorruptError(f"{path}: expected an IDX file of {ndim} dimensions, got {nd}")
+    header = 4 + 4 * nd
+    if len(data) < header:
+        raise DataCorruptError(f"{path}: truncated IDX header ({len(data)} of {header} bytes)")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=nd, offset=4))
+    expected = header + int(np.prod(dims, dtype=np.int64)) * _IDX_DTYPES[type_code].itemsize
+    if len(data) != expected:
+        raise DataCorruptError(
+            f"{path}: {len(data)} bytes, expected {expected} for dimensions {dims} "
+            f"({'truncated' if len(data) < expected else 'trailing bytes'})"
+        )
+    return np.frombuffer(data, dtype=_IDX_DTYPES[type_code], offset=header).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    """``folder/stem.gz`` or ``folder/stem``, whichever exists first."""
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _fmnist_folders(root: Optional[Path]) -> List[Path]:
+    """Folders to search, in order (DESIGN §4)."""
+    folders: List[Path] = []
+    if root is not None:
+        folders += [root, root / "FashionMNIST" / "raw"]
+    folders.append(DEBIAN_FMNIST_DIR)
+    torch_root = default_root()
+    folders += [torch_root, torch_root / "FashionMNIST" / "raw"]
+    unique: List[Path] = []
+    for f in folders:
+        if f not in unique:
+            unique.append(f)
+    return unique
+
+
+def _locate_fmnist(split: str, folders: Sequence[Path]) -> Tuple[Optional[Tuple[Path, Path]], List[Path]]:
+    """The first folder holding both files of ``split``, and every path tried."""
+    tried: List[Path] = []
+    for folder in folders:
+        images, labels = (_find_idx(folder, stem) for stem in _FMNIST_FILES[split])
+        if images is not None and labels is not None:
+            return (images, labels), tried
+        if images is not None or labels is not None:  # half a split is damage, not absence
+            have, lack = (images, _FMNIST_FILES[split][1]) if images else (labels, _FMNIST_FILES[split][0])
+            raise DataCorruptError(f"{folder}: has {have.name} but no {lack}[.gz]")
+        tried += [folder / f"{stem}[.gz]" for stem in _FMNIST_FILES[split]]
+    return None, tried
+
+
+def _load_fmnist(split: str, root: Optional[Path], download: bool) -> Tuple[Tensor, Tensor]:
+    folders = _fmnist_folders(root)
+    found, tried = _locate_fmnist(split, folders)
+    if found is None and download:
+        target = root if root is not None else default_root()
+        _torchvision_download("FashionMNIST", target)
+        found, more = _locate_fmnist(split, [target / "FashionMNIST" / "raw"])
+        tried += more
+    if found is None:
+        raise DataNotFoundError(
+            f"Fashion-MNIST ({split}) not found. Looked for the IDX files at:\n"
+            + "".join(f"  {p}\n" for p in tried)
+            + "Remedies: install Debian's package (apt-get install dataset-fashion-mnist), "
+            "or pass --data-dir / data_dir= a folder holding the four IDX files (.gz or unzipped), "
+            "or pass --download / download=True to fetch them with torchvision.",
+            tried,
+        )
+    image_path, label_path = found
+    images = read_idx(image_path, ndim=3)
+    labels = read_idx(label_path, ndim=1)
+    if images.shape[1:] != (28, 28):
+        raise DataCorruptError(f"{image_path}: expected 28x28 images, got dimensions {images.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise DataCorruptError(
+            f"{image_path} holds {images.shape[0]} images but {label_path} {labels.shape[0]} labels"
+        )
+    _check_labels(label_path, labels, FMNIST.n_classes)
+    x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return x, y
+
+
+def _check_labels(path: Path, labels: np.ndarray, n_classes: int) -> None:
+    if labels.size and int(labels.max()) >= n_classes:
+        raise DataCorruptError(f"{path}: label {int(labels.max())} out of range [0, {n_classes})")
+
+
+def _torchvision_download(cls_name: str, root: Path) -> None:
+    """Fetch a data set with torchvision (needs internet)."""
+    import torchvision.datasets as tvd  # heavy: imported only here
+
+    try:
+        getattr(tvd, cls_name)(root=str(root), train=True, download=True)
+        getattr(tvd, cls_name)(root=str(root), train=False, download=True)
+    except Exception as exc:  # network errors come in many types
+        raise DataNotFoundError(
+            f"{cls_name}: download into {root} failed ({type(exc).__name__}: {exc})", [root]
+        ) from exc
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+# The only globals a CIFAR-10 batch pickle may reference (numpy arrays): anything
+# else is refused, so a malicious pickle cannot run code.
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays, nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch pickle → (uint8 ``[n, 3, 32, 32]``, int64 ``[n]``)."""
+    try:
+        with open(path, "rb") as f:
+            batch = _SafeUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError) as exc:
+        raise DataCorruptError(f"{path}: not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DataCorruptError(f"{path}: expected a dict with keys b'data' and b'labels', got {keys}")
+    data, labels = batch[b"data"], np.asarray(batch[b"labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataCorruptError(f"{path}: expected b'data' uint8 of shape [N, 3072], got {what}")
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataCorruptError(
+            f"{path}: expected {data.shape[0]} integer labels, got {labels.dtype} {labels.shape}"
+        )
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= CIFAR10.n_classes):
+        raise DataCorruptError(f"{path}: labels out of range [0, {CIFAR10.n_classes})")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _cifar_roots(root: Optional[Path]) -> List[Path]:
+    roots = ([root] if root is not None else []) + [default_root()]
+    return list(dict.fromkeys(roots))
+
+
+def _locate_cifar(split: str, roots: Sequence[Path]) -> Tuple[Optional[List[Path]], List[Path]]:
+    tried: List[Path] = []
+    for r in roots:
+        folder = r / _CIFAR_DIR
+        paths = [folder / name for name in _CIFAR_FILES[split]]
+        missing = [p for p in paths if not p.is_file()]
+        if not missing:
+            return paths, tried
+        if len(missing) < len(paths):  # a partial copy is damage, not absence
+            raise DataCorruptError(
+                f"{folder}: incomplete CIFAR-10 {split} split, missing "
+                + ", ".join(p.name for p in missing)
+            )
+        tried.append(folder)
+    return None, tried
+
+
+def _load_cifar10(split: str, root: Optional[Path], download: bool) -> Tuple[Tensor, Tensor]:
+    roots = _cifar_roots(root)
+    found, tried = _locate_cifar(split, roots)
+    if found is None and download:
+        target = root if root is not None else default_root()
+        _torchvision_download("CIFAR10", target)
+        found, more = _locate_cifar(split, [target])
+        tried += more
+    if found is None:
+        raise DataNotFoundError(
+            f"CIFAR-10 ({split}) not found. Looked for {', '.join(_CIFAR_FILES[split])} in:\n"
+            + "".join(f"  {p}\n" for p in tried)
+            + f"Remedies: pass --data-dir / data_dir= a torchvision root holding {_CIFAR_DIR}/, "
+            "set FASTLAND_DATA to one, or pass --download / download=True to fetch it with torchvision.",
+            tried,
+        )
+    parts = [_read_cifar_batch(p) for p in found]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    x = torch.from_numpy(images).float().div_(255.0)
+    return x, torch.from_numpy(labels)
