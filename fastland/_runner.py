@@ -1,0 +1,285 @@
+"""Resumable, sharded per-sample runs over a data set.
+
+:func:`run_resumable` applies ``compute(indices, x, y) -> {field: [B, ...]}``
+to every sample of a ``Dataset``/``DataLoader``/tensor and returns the full
+``{field: [N, ...]}``. Robustness:
+
+* **Resume.** With ``checkpoint=path``, results and a done-mask ``[N]`` are
+  written atomically (temp file + ``os.replace``) at most every
+  ``save_interval`` seconds and at the end; a later run with the same
+  configuration loads them and computes only the samples not yet done. A
+  checkpoint of another configuration (settings, sample count, model
+  parameters, world size) is refused with an error naming the file.
+* **Shards.** When ``torch.distributed`` is initialised, rank ``r`` of ``w``
+  takes the contiguous slice ``[r·N/w, (r+1)·N/w)`` and keeps its own
+  checkpoint ``path.rank{r}-of-{w}``; the results are then summed across ranks
+  (each entry is non-zero on exactly one rank, so the sum is exact), every rank
+  returns the full result and rank 0 writes it to ``path``.
+
+Per-sample randomness comes from :func:`sample_generator` ``(seed, index)``,
+so a result never depends on how samples were batched, sharded or resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from ._progress import progress_bar
+
+__all__ = ["DataLike", "is_data", "iter_batches", "run_resumable", "sample_generator",
+           "atomic_save", "FORMAT"]
+
+DataLike = Union[Dataset, DataLoader]
+FORMAT = "fastland.runner/1"
+Compute = Callable[[Tensor, Tensor, Optional[Tensor]], Dict[str, Tensor]]
+
+
+def is_data(x: object) -> bool:
+    """True for a ``Dataset`` or ``DataLoader`` (the data-set code path)."""
+    return isinstance(x, (Dataset, DataLoader))
+
+
+def sample_generator(seed: int, index: int, device: Union[str, torch.device]) -> torch.Generator:
+    """A generator on ``device`` seeded from ``(seed, index)`` alone."""
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 2**32 + int(index)) % 2**63)
+    return g
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- data access
+
+
+def _dataset_and_workers(data: Union[Tensor, DataLike]) -> Tuple[Dataset, int, Any]:
+    """``(dataset, num_workers, collate_fn)`` behind a tensor, Dataset or DataLoader."""
+    if isinstance(data, Tensor):
+        return TensorDataset(data), 0, None
+    if isinstance(data, DataLoader):
+        return data.dataset, data.num_workers, data.collate_fn
+    if isinstance(data, Dataset):
+        return data, 0, None
+    raise TypeError(f"data: expected a Tensor, Dataset or DataLoader, got {type(data).__name__}")
+
+
+def _split_item(batch: Any) -> Tuple[Tensor, Optional[Tensor]]:
+    """``x`` and ``y`` (or None) from a collated batch: a tensor or a sequence ``(x, y, ...)``."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    raise TypeError(f"data: expected items that are tensors or (x, y, ...) tuples, got {type(batch).__name__}")
+
+
+def _length(dataset: Dataset, limit: Optional[int]) -> int:
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise TypeError("data: expected a map-style Dataset with a length (not an IterableDataset)") from exc
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
+        n = min(n, limit)
+    return n
+
+
+def _load_indices(data: Union[Tensor, DataLike], indices: Sequence[int], batch: int
+                  ) -> Iterator[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """Yield ``(indices [B], x [B, *S], y [B] or None)`` for the given sample indices, in order."""
+    dataset, workers, collate = _dataset_and_workers(data)
+    kwargs: Dict[str, Any] = {"batch_size": batch, "shuffle": False, "num_workers": workers}
+    if collate is not None:
+        kwargs["collate_fn"] = collate
+    loader = DataLoader(Subset(dataset, list(indices)), **kwargs)
+    pos = 0
+    for item in loader:
+        x, y = _split_item(item)
+        idx = torch.as_tensor(list(indices[pos : pos + x.shape[0]]), dtype=torch.long)
+        pos += x.shape[0]
+        yield idx, x, y
+
+
+def iter_batches(data: Union[Tensor, DataLike], batch: int, *, limit: Optional[int] = None,
+                 progress: bool = False, desc: str = "") -> Iterator[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """All samples (the first ``limit``) in order: ``(indices [B], x [B, *S], y or None)``."""
+    dataset, _, _ = _dataset_and_workers(data)
+    n = _length(dataset, limit)
+    bar = progress_bar(n, desc, progress, unit="sample")
+    for idx, x, y in _load_indices(data, range(n), batch):
+        yield idx, x, y
+        bar.update(x.shape[0])
+    bar.close()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's parameter and buffer names, shapes and sums (float64)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            if t.is_floating_point():
+                h.update(f"{float(t.double().sum()):.10e}|{float(t.double().abs().sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def _empty_state(n: int, fields: Dict[str, Tuple[int, ...]], dtype: torch.dtype,
+                 config: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "config": config,
+        "done": torch.zeros(n, dtype=torch.bool),
+        "fields": {k: torch.zeros((n, *shape), dtype=dtype) for k, shape in fields.items()},
+    }
+
+
+def _load_state(path: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The checkpoint at ``path`` (None when absent); an error when it belongs to another run."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint: {path} is not a fastland run file (format {FORMAT})")
+    if state.get("config") != config:
+        diff = {k: (state.get("config", {}).get(k), v) for k, v in config.items()
+                if state.get("config", {}).get(k) != v}
+        raise ValueError(
+            f"checkpoint: {path} was written by a run with other settings "
+            f"(saved vs now: {diff}); delete it or choose another path"
+        )
+    return state
+
+
+def _dist_info() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _part_path(path: Path, rank: int, world: int) -> Path:
+    return path if world == 1 else path.with_name(f"{path.name}.rank{rank}-of-{world}")
+
+
+def _gather(state: Dict[str, Any], device: torch.device) -> None:
+    """Sum ``state``'s fields and done-mask over ranks in place (disjoint entries: exact)."""
+    comm_dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for k, t in list(state["fields"].items()):
+        buf = t.to(comm_dev)
+        dist.all_reduce(buf)
+        state["fields"][k] = buf.cpu()
+    done = state["done"].to(comm_dev, torch.int32)
+    dist.all_reduce(done)
+    state["done"] = done.cpu() > 0
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def run_resumable(
+    data: Union[Tensor, DataLike],
+    compute: Compute,
+    fields: Dict[str, Tuple[int, ...]],
+    config: Dict[str, Any],
+    *,
+    model: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    checkpoint: Optional[Union[str, Path]] = None,
+    limit: Optional[int] = None,
+    chunk: int = 64,
+    progress: bool = True,
+    desc: str = "",
+    save_interval: float = 30.0,
+    need_labels: bool = False,
+) -> Dict[str, Tensor]:
+    """Run ``compute`` over every sample, resumably and sharded (see the module doc).
+
+    Args:
+        data: tensor ``[N, *S]``, Dataset or DataLoader of ``x`` or ``(x, y, ...)``.
+        compute: ``(indices [B], x [B, *S] on device, y [B] or None) -> {field: [B, *shape]}``.
+        fields: ``{field: per-sample shape}``.
+        config: the run's settings (saved; a checkpoint must match them).
+        model: fingerprinted into the configuration.
+        device, dtype: where and in what dtype ``x`` is passed to ``compute``.
+        checkpoint: result file, or None (nothing saved).
+        limit: the first ``limit`` samples only.
+        chunk: samples per ``compute`` call (>= 1).
+        save_interval: seconds between checkpoint writes (0: after every chunk).
+        need_labels: raise when the data has no labels.
+    Returns:
+        ``{field: [N, *shape]}`` on the CPU, plus ``"done"`` (all True).
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_samples: expected a positive int, got {chunk!r}")
+    if not isinstance(save_interval, (int, float)) or save_interval < 0:
+        raise ValueError(f"save_interval: expected seconds >= 0, got {save_interval!r}")
+    dataset, _, _ = _dataset_and_workers(data)
+    n = _length(dataset, limit)
+    if n == 0:
+        raise ValueError("data: expected at least one sample, got none")
+    rank, world = _dist_info()
+    config = dict(config, n_samples=n, model=model_fingerprint(model), dtype=str(dtype))
+    path = Path(checkpoint) if checkpoint is not None else None
+
+    if path is not None:
+        final = _load_state(path, dict(config, world=1)) if world > 1 and path.exists() else None
+        if final is not None and bool(final["done"].all()):
+            return dict(final["fields"], done=final["done"])
+    part_config = dict(config, world=world)
+    part = _part_path(path, rank, world) if path is not None else None
+    state = (_load_state(part, part_config) if part is not None else None) or _empty_state(
+        n, fields, dtype, part_config)
+
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    pending = [i for i in range(lo, hi) if not bool(state["done"][i])]
+    bar = progress_bar(len(pending), desc + (f" [rank {rank}/{world}]" if world > 1 else ""),
+                       progress, unit="sample")
+    last_save = time.monotonic()
+    for idx, x, y in _load_indices(data, pending, chunk):
+        if need_labels and y is None:
+            raise ValueError("data: FGSM directions need labels; expected (x, y) items")
+        out = compute(idx, x.to(device, dtype), None if y is None else y.to(device))
+        for k, v in out.items():
+            state["fields"][k][idx] = v.detach().to("cpu", dtype)
+        state["done"][idx] = True
+        bar.update(len(idx))
+        if part is not None and time.monotonic() - last_save >= save_interval:
+            atomic_save(state, part)
+            last_save = time.monotonic()
+    bar.close()
+    if part is not None:
+        atomic_save(state, part)
+
+    if world > 1:
+        _gather(state, device)
+        state["config"] = dict(config, world=1)
+        if rank == 0 and path is not None:
+            atomic_save(state, path)
+        dist.barrier()
+    return dict(state["fields"], done=state["done"])
