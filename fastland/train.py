@@ -48,6 +48,7 @@ __all__ = [
     "fit",
     "train",
     "build_model",
+    "load_data",
     "load_trained",
     "is_complete",
     "atomic_write_bytes",

@@ -1,0 +1,358 @@
+"""The ``fastland`` command (also ``python -m fastland``).
+
+Subcommands: ``train``, ``evaluate``, ``landscape``, ``flatness``,
+``reproduce``, ``demo``; ``fastland <subcommand> --help`` lists every option
+with its default. Bad arguments and missing data end with one line on stderr
+(``fastland: error: ...``) and exit status 2; set ``FASTLAND_DEBUG=1`` for the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+_FMT = argparse.ArgumentDefaultsHelpFormatter
+# exceptions that mean "the user asked for something impossible", not a bug
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit status 2 and one line for every error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    """A number, or a fraction such as ``8/255``."""
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            v = float(num) / float(den)
+        else:
+            v = float(s)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
+    return v
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the data set files (searched before the Debian folder "
+                        "/usr/share/datasets/fashion-mnist and a torchvision root)")
+    p.add_argument("--download", action="store_true", help="download the data set when missing (needs internet)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_eval_options(p: argparse.ArgumentParser, n_phi: int = 500) -> None:
+    g = p.add_argument_group("evaluation (PGD defaults: the paper's per data set, DESIGN §1)")
+    g.add_argument("--eps", type=_fraction, default=None,
+                   help="PGD ε in pixel units (default: 25/255 F-MNIST, 8/255 CIFAR-10)")
+    g.add_argument("--alpha", type=_fraction, default=None,
+                   help="PGD step size (default: 6.25/255 F-MNIST, 2/255 CIFAR-10)")
+    g.add_argument("--steps", type=_positive_int, default=None,
+                   help="PGD steps (default: 10 F-MNIST, 5 CIFAR-10)")
+    g.add_argument("--n-clean", type=_positive_int, default=None, help="test examples for clean accuracy (None: all)")
+    g.add_argument("--n-pgd", type=_positive_int, default=None, help="test examples for PGD accuracy (None: all)")
+    g.add_argument("--n-phi", type=_positive_int, default=n_phi, help="test examples for Φ")
+    g.add_argument("--phi-dirs", type=_positive_int, default=None,
+                   help="direction pairs per example for Φ (None: fastland.flatness's default)")
+    g.add_argument("--phi-span", type=_fraction, default=None,
+                   help="grid half-width for Φ, pixel units (None: fastland.flatness's default)")
+    g.add_argument("--phi-steps", type=_positive_int, default=None,
+                   help="grid points per axis for Φ (None: fastland.flatness's default)")
+    g.add_argument("--reduction", choices=("sum", "mean"), default="sum",
+                   help="Φ sums the AMS score over grid points (the paper's) or averages it")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=500, help="batch size of the evaluation")
+
+
+def _eval_settings(args: argparse.Namespace, dataset: str, seed: int = 0) -> Any:
+    from .evaluate import default_eval_settings
+
+    return default_eval_settings(
+        dataset, eps=args.eps, alpha=args.alpha, steps=args.steps, n_clean=args.n_clean,
+        n_pgd=args.n_pgd, n_phi=args.n_phi, phi_dirs=args.phi_dirs, phi_span=args.phi_span,
+        phi_steps=args.phi_steps, reduction=args.reduction, batch_size=args.eval_batch_size, seed=seed)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def _train_parser(sub: Any) -> None:
+    from .train import DEFENCES
+
+    p = sub.add_parser("train", help="train a model with a defence", formatter_class=_FMT,
+                       description="Train MODEL on DATASET with DEFENCE; a checkpoint every epoch, "
+                                   "--resume continues it. Under torchrun: DDP.")
+    p.add_argument("--model", choices=("lenet", "ddnet", "resnet18"), default="lenet")
+    p.add_argument("--dataset", choices=("fmnist", "cifar10", "synthetic"), default="fmnist")
+    p.add_argument("--defence", choices=DEFENCES, default="none")
+    p.add_argument("--epochs", type=_positive_int, default=200)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.01 LeNet/DDNet, 0.1 ResNet-18)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    p.add_argument("--lam", type=_nonneg_float, default=None,
+                   help="λ of CE + λ/2·penalty (default: the paper's; F-MNIST 0.01 Jacobian, 0.5 AMSReg; "
+                        "CIFAR-10 0.05, 1.0)")
+    p.add_argument("--estimator", choices=("projection", "exact", "gradnorm", "finite_difference"),
+                   default="projection", help="penalty estimator (Jacobian: projection or exact)")
+    p.add_argument("--n-proj", type=_positive_int, default=1, help="random projections per sample")
+    p.add_argument("--at-eps", type=_fraction, default=None, help="ε of adversarial training (default: 10/255 F-MNIST, 3/255 CIFAR-10)")
+    p.add_argument("--at-alpha", type=_fraction, default=None, help="PGD step of adversarial training (default: 2.5·ε/steps)")
+    p.add_argument("--at-steps", type=_positive_int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset of this size")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<defence>)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--stop-after", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    _add_data_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model, dataset=args.dataset, defence=args.defence, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        lam=args.lam, estimator=args.estimator, n_proj=args.n_proj, at_eps=args.at_eps,
+        at_alpha=args.at_alpha, at_steps=args.at_steps, seed=args.seed, train_size=args.train_size)
+    out = args.out or f"runs/{args.dataset}-{args.model}-{args.defence}"
+    r = train(cfg, out, data_dir=args.data_dir, download=args.download, resume=args.resume,
+              stop_after=args.stop_after, device=args.device, progress=not args.no_progress)
+    last = r.metrics[-1] if r.metrics else {}
+    print(json.dumps({"out": str(r.out_dir), "epochs_done": r.epochs_done, "complete": r.complete, **last}))
+    return 0
+
+
+def _evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="clean accuracy, PGD accuracy and Φ of a trained run, as JSON",
+                       formatter_class=_FMT)
+    p.add_argument("run", help="run folder written by `fastland train`")
+    p.add_argument("--out", default=None, help="JSON file to write (default: RUN/eval.json)")
+    p.add_argument("--no-phi", action="store_true", help="skip Φ")
+    p.add_argument("--seed", type=int, default=0, help="seeds the subsets, PGD starts and Φ directions")
+    _add_eval_options(p)
+    _add_data_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _load_run_and_test(args: argparse.Namespace) -> Any:
+    from .train import load_data, load_trained
+
+    model, cfg = load_trained(args.run, device=_device(args.device))
+    x, y = load_data(cfg, "test", data_dir=args.data_dir, download=args.download)
+    return model, cfg, x, y
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .train import atomic_write_text
+
+    model, cfg, x, y = _load_run_and_test(args)
+    res = evaluate(model, x, y, _eval_settings(args, cfg.dataset, args.seed),
+                   progress=not args.no_progress, phi=not args.no_phi)
+    res = {"run": str(args.run), "model": cfg.model, "dataset": cfg.dataset, "defence": cfg.defence, **res}
+    text = json.dumps(res, indent=2)
+    atomic_write_text(args.out or Path(args.run) / "eval.json", text + "\n")
+    print(text)
+    return 0
+
+
+def _flatness_parser(sub: Any) -> None:
+    p = sub.add_parser("flatness", help="Φ of a trained run on test examples, as JSON", formatter_class=_FMT)
+    p.add_argument("run", help="run folder written by `fastland train`")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-phi", type=_positive_int, default=500, help="test examples")
+    p.add_argument("--phi-dirs", type=_positive_int, default=None, help="direction pairs per example (None: fastland.flatness's default)")
+    p.add_argument("--phi-span", type=_fraction, default=None, help="grid half-width, pixel units (None: fastland.flatness's default)")
+    p.add_argument("--phi-steps", type=_positive_int, default=None, help="grid points per axis (None: fastland.flatness's default)")
+    p.add_argument("--reduction", choices=("sum", "mean"), default="sum", help="sum (the paper's) or mean over grid points")
+    _add_data_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_flatness)
+
+
+def _cmd_flatness(args: argparse.Namespace) -> int:
+    from .evaluate import _subset, default_eval_settings, flatness_of
+
+    model, cfg, x, _ = _load_run_and_test(args)
+    s = default_eval_settings(cfg.dataset, n_phi=args.n_phi, phi_dirs=args.phi_dirs, phi_span=args.phi_span,
+                              phi_steps=args.phi_steps, reduction=args.reduction, seed=args.seed)
+    idx = _subset(x.shape[0], s.n_phi, s.seed)
+    res = flatness_of(model, x[idx], s, progress=not args.no_progress)
+    print(json.dumps({"run": str(args.run), "n_phi": int(idx.numel()), "reduction": s.reduction, **res}))
+    return 0
+
+
+def _landscape_parser(sub: Any) -> None:
+    p = sub.add_parser("landscape", help="draw Δlog p landscapes of trained runs side by side (PNG + PDF)",
+                       formatter_class=_FMT)
+    p.add_argument("runs", nargs="+", help="run folders written by `fastland train` (one panel each)")
+    p.add_argument("--index", type=int, default=0, help="test example to centre the landscape on")
+    p.add_argument("--directions", choices=("rademacher", "gaussian", "fgsm"), default="rademacher")
+    p.add_argument("--span", type=_fraction, default=None, help="grid half-width, pixel units (None: fastland.landscape's default)")
+    p.add_argument("--grid-steps", type=_positive_int, default=None, help="grid points per axis (None: fastland.landscape's default)")
+    p.add_argument("--kind", choices=("contour", "surface"), default="contour")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random directions")
+    p.add_argument("--out", default="landscape.png", help="figure path (a .pdf is written beside it)")
+    _add_data_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_landscape)
+
+
+def _cmd_landscape(args: argparse.Namespace) -> int:
+    from .reproduce import landscape_figure
+    from .train import load_data, load_trained
+
+    loaded = [load_trained(r, device=_device(args.device)) for r in args.runs]
+    datasets = {c.dataset for _, c in loaded}
+    if len(datasets) != 1:
+        raise ValueError(f"runs: expected runs on one data set, got {sorted(datasets)}")
+    x, y = load_data(loaded[0][1], "test", data_dir=args.data_dir, download=args.download)
+    if not 0 <= args.index < x.shape[0]:
+        raise ValueError(f"--index: expected 0 <= index < {x.shape[0]}, got {args.index}")
+    models = {Path(r).name: m for r, (m, _) in zip(args.runs, loaded)}
+    paths = landscape_figure(models, x[args.index:args.index + 1], y[args.index:args.index + 1], args.out,
+                             directions=args.directions, span=args.span, steps=args.grid_steps,
+                             kind=args.kind, seed=args.seed)
+    print(json.dumps({"figures": [str(p) for p in paths]}))
+    return 0
+
+
+def _reproduce_parser(sub: Any) -> None:
+    from .reproduce import CONFIGS
+
+    p = sub.add_parser("reproduce", help="the paper's Tables 1/2 and Figs. 1-5 for one setting", formatter_class=_FMT,
+                       description="Train the four defences with the paper's settings, evaluate them, and write "
+                                   "results.md/results.csv (ours beside the paper's) and Figs. 1-5. Rerunning skips "
+                                   "finished models and resumes unfinished ones.")
+    p.add_argument("setting", choices=sorted(CONFIGS), help="data set and architecture")
+    p.add_argument("--epochs", type=_positive_int, default=200)
+    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/<setting>)")
+    p.add_argument("--defences", default="none,at,jacobian,amsreg", help="comma-separated subset to train")
+    p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset of this size")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", action="store_true",
+                   help="also train AT and Jacobian models of increasing strength (Figs. 2 and 4)")
+    _add_eval_options(p, n_phi=1000)
+    _add_data_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import CONFIGS, reproduce
+
+    defences = tuple(d.strip() for d in args.defences.split(",") if d.strip())
+    out = args.out or f"runs/reproduce/{args.setting}"
+    s = _eval_settings(args, CONFIGS[args.setting].dataset, args.seed)
+    report = reproduce(args.setting, out, epochs=args.epochs, defences=defences, eval_settings=s,
+                       train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, sweep=args.sweep,
+                       data_dir=args.data_dir, download=args.download, device=args.device,
+                       progress=not args.no_progress)
+    print(f"results: {report}")
+    return 0
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="Fashion-MNIST demo: LeNet-5 without defence vs AMSReg (runs/demo/report.md)",
+                       formatter_class=_FMT)
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--epochs", type=_positive_int, default=3)
+    p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset (None: all 60 000)")
+    p.add_argument("--n-eval", type=_positive_int, default=1000, help="test examples for clean and PGD accuracy")
+    p.add_argument("--n-phi", type=_positive_int, default=100, help="test examples for Φ")
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, epochs=args.epochs, train_size=args.train_size, n_eval=args.n_eval,
+                      n_phi=args.n_phi, seed=args.seed, data_dir=args.data_dir, download=args.download,
+                      device=args.device, progress=not args.no_progress)
+    print(f"demo report: {report}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastland`` argument parser (one sub-parser per subcommand)."""
+    from ._version import __version__
+
+    parser = _Parser(prog="fastland", formatter_class=_FMT,
+                     description="Likelihood landscapes, flatness Φ and AMSReg for adversarial robustness.")
+    parser.add_argument("--version", action="version", version=f"fastland {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in (_train_parser, _evaluate_parser, _landscape_parser, _flatness_parser, _reproduce_parser, _demo_parser):
+        add(sub)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``fastland`` command; returns the exit status (0 ok, 2 bad arguments or missing data)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, argparse errors
+        return int(e.code or 0)
+    try:
+        return int(args.func(args))
+    except _USER_ERRORS as e:
+        if os.environ.get("FASTLAND_DEBUG"):
+            raise
+        print(f"fastland {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastland {args.command}: interrupted", file=sys.stderr)
+        return 130

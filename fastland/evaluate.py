@@ -1,0 +1,186 @@
+"""Evaluation of a trained classifier: clean accuracy, PGD accuracy and flatness Φ.
+
+Defaults are the paper's (DESIGN §1): PGD on Fashion-MNIST with 10 steps,
+ε = 25/255, α = 6.25/255; on CIFAR-10 5 steps, ε = 8/255, α = 2/255. Φ (Eq. 8)
+is the mean over test samples of φ(x) (Eq. 7), computed by
+:func:`fastland.flatness` on a fixed random subset of the test set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_tensor
+
+__all__ = ["EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "evaluate"]
+
+
+@dataclass
+class EvalSettings:
+    """What :func:`evaluate` measures and how.
+
+    ``n_clean``/``n_pgd``/``n_phi``: how many test examples (a fixed random
+    subset, the same for the three; ``None`` = all). ``phi_*`` are passed to
+    :func:`fastland.flatness` (``None`` keeps its default). ``reduction``:
+    ``"sum"`` over grid points (the paper's Φ) or ``"mean"``.
+    """
+
+    eps: float
+    alpha: float
+    steps: int
+    n_clean: Optional[int] = None
+    n_pgd: Optional[int] = None
+    n_phi: Optional[int] = 500
+    phi_dirs: Optional[int] = None
+    phi_span: Optional[float] = None
+    phi_steps: Optional[int] = None
+    reduction: str = "sum"
+    batch_size: int = 500
+    seed: int = 0
+
+
+def default_eval_settings(dataset: str, **overrides: Any) -> EvalSettings:
+    """The paper's PGD evaluation for ``dataset`` (``fmnist``, ``cifar10``; others get
+    the Fashion-MNIST one), with ``overrides`` (``None`` values ignored)."""
+    from .train import paper_settings
+
+    ps = paper_settings(dataset)
+    s = EvalSettings(eps=ps.eval_eps, alpha=ps.eval_alpha, steps=ps.eval_steps)
+    for k, v in overrides.items():
+        if not hasattr(s, k):
+            raise ValueError(f"{k}: not an evaluation setting; expected one of {sorted(asdict(s))}")
+        if v is not None:
+            setattr(s, k, v)
+    return s
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit="img")
+
+
+def _check_xy(x: Tensor, y: Tensor) -> None:
+    check_tensor("x", x, min_ndim=2, nonempty=True)
+    if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != x.shape[:1]:
+        raise ValueError(f"y: expected an int64 tensor of shape [{x.shape[0]}], got "
+                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500, progress: bool = False) -> float:
+    """Clean accuracy in [0, 1] of ``model`` (eval mode) on ``x [N, *S]``, ``y [N]``."""
+    _check_xy(x, y)
+    dev = next(model.parameters()).device
+    bar = _progress(x.shape[0], progress, "clean")
+    correct = 0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+        correct += int((model(xb).argmax(1) == yb).sum())
+        if bar is not None:
+            bar.update(xb.shape[0])
+    if bar is not None:
+        bar.close()
+    return correct / x.shape[0]
+
+
+def pgd_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    batch_size: int = 500,
+    seed: int = 0,
+    progress: bool = False,
+) -> float:
+    """Accuracy in [0, 1] under an L∞ PGD attack (random start) of ``model`` (eval mode).
+
+    Args:
+        x: ``[N, *S]`` in [0, 1]; y: ``[N]`` int64.
+        eps, alpha, steps: the attack (pixel units).
+        seed: seeds the random starts (a generator on the model's device).
+    """
+    from .attacks import pgd
+
+    _check_xy(x, y)
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    bar = _progress(x.shape[0], progress, f"PGD-{steps}")
+    correct = 0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+        x_adv = pgd(model, xb, yb, eps=eps, alpha=alpha, steps=steps, random_start=True, generator=gen)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(1) == yb).sum())
+        if bar is not None:
+            bar.update(xb.shape[0])
+    if bar is not None:
+        bar.close()
+    return correct / x.shape[0]
+
+
+def flatness_of(model: nn.Module, x: Tensor, s: EvalSettings, *, progress: bool = False) -> Dict[str, float]:
+    """Φ of ``model`` on ``x [N, *S]`` (:func:`fastland.flatness`), as
+    ``{"phi": mean φ, "phi_stderr": its standard error}``."""
+    from .landscape import flatness
+
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(s.seed + 1)
+    kwargs: Dict[str, Any] = {"reduction": s.reduction, "generator": gen, "progress": progress}
+    for ours, theirs in (("phi_dirs", "n_dirs"), ("phi_span", "span"), ("phi_steps", "steps")):
+        if getattr(s, ours) is not None:
+            kwargs[theirs] = getattr(s, ours)
+    f = flatness(model, x.to(dev), **kwargs)
+    return {"phi": float(f.mean), "phi_stderr": float(f.stderr)}
+
+
+def _subset(n_total: int, n: Optional[int], seed: int) -> Tensor:
+    """Indices of a fixed random subset of size ``n`` (all, in order, when ``n`` is None or too big)."""
+    if n is None or n >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, settings: EvalSettings, *, progress: bool = True,
+    phi: bool = True,
+) -> Dict[str, Any]:
+    """Clean accuracy, PGD accuracy and Φ of ``model`` on ``(x [N, *S], y [N])``.
+
+    The model is put in eval mode (and left so). Accuracies are in percent.
+    Returns a JSON-ready dict: ``clean_acc``, ``pgd_acc``, ``phi``,
+    ``phi_stderr`` (absent with ``phi=False``), the sample counts and the settings.
+    """
+    _check_xy(x, y)
+    if settings.reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction: expected 'sum' or 'mean', got {settings.reduction!r}")
+    model.eval()
+    s = settings
+    out: Dict[str, Any] = {}
+    idx = _subset(x.shape[0], s.n_clean, s.seed)
+    out["clean_acc"] = 100 * accuracy(model, x[idx], y[idx], batch_size=s.batch_size, progress=progress)
+    out["n_clean"] = int(idx.numel())
+    idx = _subset(x.shape[0], s.n_pgd, s.seed)
+    out["pgd_acc"] = 100 * pgd_accuracy(model, x[idx], y[idx], eps=s.eps, alpha=s.alpha, steps=s.steps,
+                                        batch_size=s.batch_size, seed=s.seed, progress=progress)
+    out["n_pgd"] = int(idx.numel())
+    if phi:
+        idx = _subset(x.shape[0], s.n_phi, s.seed)
+        out.update(flatness_of(model, x[idx], s, progress=progress))
+        out["n_phi"] = int(idx.numel())
+    out["settings"] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                       for k, v in asdict(s).items()}
+    return out

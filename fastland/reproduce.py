@@ -1,0 +1,335 @@
+"""``fastland reproduce``: the paper's Tables 1/2 and Figs. 1-5 for one setting.
+
+For a setting such as ``fmnist-lenet`` this trains the four defences with the
+paper's settings (:func:`fastland.train.paper_settings`), evaluates each
+(clean accuracy, PGD accuracy, Φ), and writes into the output folder:
+
+* ``results.csv`` and ``results.md``: our numbers beside the paper's, with the
+  paper's qualitative findings checked one by one;
+* ``fig1_landscapes``, ``fig3_histograms``, ``fig4_flatness_vs_robustness``,
+  ``fig5_fgsm_landscapes`` (and ``fig2_strength`` with ``sweep=True``), PNG + PDF.
+
+Every model lives in its own run folder ``<out>/<run>/`` (checkpoint every
+epoch, ``eval.json`` once evaluated): rerunning skips finished models and
+evaluations and resumes unfinished training.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .evaluate import EvalSettings, default_eval_settings, evaluate
+from .train import DEFENCES, TrainConfig, atomic_write_text, load_data, paper_settings, train
+
+__all__ = ["PaperRow", "Setting", "CONFIGS", "RunSpec", "run_specs", "reproduce", "findings", "landscape_figure"]
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of the paper's Table 1 or 2: Φ, clean and PGD accuracy (%)."""
+
+    label: str
+    phi: float
+    clean: float
+    pgd: float
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A data set + architecture of the paper, with its table rows (by defence)."""
+
+    dataset: str
+    model: str
+    table: str
+    paper: Dict[str, PaperRow] = field(default_factory=dict)
+
+
+def _rows(eps: str, lam_j: float, lam_a: float, vals: Sequence[Tuple[float, float, float]]) -> Dict[str, PaperRow]:
+    labels = ("No Defense", f"AT (ε = {eps})", f"Jacobian Reg. (λ = {lam_j})", f"AMSReg (λ = {lam_a})")
+    return {d: PaperRow(lab, *v) for d, lab, v in zip(DEFENCES, labels, vals)}
+
+
+CONFIGS: Dict[str, Setting] = {
+    "fmnist-lenet": Setting("fmnist", "lenet", "Table 2", _rows("10/255", 0.01, 0.5, [
+        (-9435.9, 91.53, 0.0), (-1504.0, 89.35, 62.64), (-1694.6, 88.76, 34.71), (-378.1, 89.51, 34.04)])),
+    "fmnist-resnet18": Setting("fmnist", "resnet18", "Table 2", _rows("10/255", 0.01, 0.5, [
+        (-12952.8, 93.75, 0.1), (-1257.8, 91.64, 65.24), (-821.7, 91.04, 45.37), (-482.9, 91.29, 46.06)])),
+    "cifar10-ddnet": Setting("cifar10", "ddnet", "Table 1", _rows("3/255", 0.05, 1.0, [
+        (-13035.5, 91.45, 1.7), (-2066.4, 85.90, 45.71), (-1692.6, 86.06, 18.31), (-768.7, 85.45, 20.78)])),
+    "cifar10-resnet18": Setting("cifar10", "resnet18", "Table 1", _rows("3/255", 0.05, 1.0, [
+        (-13974.3, 94.69, 0.1), (-1055.0, 85.32, 57.48), (-1945.1, 82.28, 14.73), (-659.5, 86.94, 11.07)])),
+    # a tiny configuration for tests and smoke runs (no paper numbers)
+    "synthetic-lenet": Setting("synthetic", "lenet", "none"),
+}
+
+# sweep strengths for Figs. 2 and 4 (multiples of the paper's ε / λ)
+_SWEEP_FACTORS = (0.25, 0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One model to train: its folder name, a legend label and its config."""
+
+    name: str
+    label: str
+    config: TrainConfig
+    main: bool  # one of the four table rows (else a sweep model)
+
+
+def _label(c: TrainConfig) -> str:
+    if c.defence == "none":
+        return "No defence"
+    if c.defence == "at":
+        return f"AT (ε = {c.at_eps * 255:.3g}/255)"
+    name = "Jacobian" if c.defence == "jacobian" else "AMSReg"
+    return f"{name} (λ = {c.lam:.3g})"
+
+
+def run_specs(
+    setting: str,
+    *,
+    epochs: int,
+    defences: Sequence[str] = DEFENCES,
+    train_size: Optional[int] = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    sweep: bool = False,
+) -> List[RunSpec]:
+    """The models of a reproduction: one per defence, plus (``sweep``) AT and
+    Jacobian models at 0.25×, 0.5× and 2× the paper's strength."""
+    if setting not in CONFIGS:
+        raise ValueError(f"setting: expected one of {sorted(CONFIGS)}, got {setting!r}")
+    bad = [d for d in defences if d not in DEFENCES]
+    if bad or not defences:
+        raise ValueError(f"defences: expected a non-empty subset of {DEFENCES}, got {tuple(defences)}")
+    st = CONFIGS[setting]
+    base = TrainConfig(model=st.model, dataset=st.dataset, epochs=epochs, batch_size=batch_size,
+                       seed=seed, train_size=train_size)
+    specs = []
+    for d in defences:
+        c = TrainConfig(**{**asdict(base), "defence": d}).resolved()
+        specs.append(RunSpec(d, _label(c), c, True))
+    if sweep:
+        ps = paper_settings(st.dataset)
+        for f in _SWEEP_FACTORS:
+            at = TrainConfig(**{**asdict(base), "defence": "at", "at_eps": ps.at_eps * f}).resolved()
+            jac = TrainConfig(**{**asdict(base), "defence": "jacobian", "lam": ps.lam_jacobian * f}).resolved()
+            specs.append(RunSpec(f"at-x{f:g}", _label(at), at, False))
+            specs.append(RunSpec(f"jacobian-x{f:g}", _label(jac), jac, False))
+    return specs
+
+
+def _evaluate_run(
+    spec: RunSpec, model: nn.Module, run_dir: Path, test: Tuple[Tensor, Tensor], s: EvalSettings, progress: bool
+) -> Dict[str, Any]:
+    """``eval.json`` of the run, computed once per evaluation setting."""
+    path = run_dir / "eval.json"
+    settings = json.loads(json.dumps(asdict(s)))
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("settings") == settings:
+            return cached
+    t0 = time.perf_counter()
+    res = evaluate(model, *test, s, progress=progress)
+    res["eval_time_s"] = round(time.perf_counter() - t0, 1)
+    res["settings"] = settings
+    atomic_write_text(path, json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def findings(results: Dict[str, Dict[str, Any]]) -> List[Tuple[str, bool]]:
+    """The paper's Table 1/2 findings, checked on our numbers (``results[defence]``
+    has ``phi``, ``clean_acc``, ``pgd_acc``). Only findings whose defences were run."""
+    out: List[Tuple[str, bool]] = []
+    have = set(results)
+    pgd = {d: r["pgd_acc"] for d, r in results.items()}
+    phi = {d: r["phi"] for d, r in results.items()}
+    clean = {d: r["clean_acc"] for d, r in results.items()}
+    if "at" in have and len(have) > 1:
+        out.append(("adversarial training is the most robust under PGD", max(pgd, key=pgd.get) == "at"))
+    if "amsreg" in have and len(have) > 1:
+        out.append(("AMSReg has the flattest landscape (highest Φ)", max(phi, key=phi.get) == "amsreg"))
+    if "none" in have:
+        for d in ("jacobian", "amsreg"):
+            if d in have:
+                out.append((f"{d} is far more robust than no defence (PGD acc. +10 points or more)",
+                            pgd[d] >= pgd["none"] + 10))
+        out.append(("no defence sits near 0% PGD accuracy (< 5%)", pgd["none"] < 5))
+    if len(have) > 1:
+        spread = max(clean.values()) - min(clean.values())
+        out.append((f"clean accuracies within a few points of each other (spread {spread:.1f} ≤ 5)", spread <= 5))
+    return out
+
+
+def _fmt(v: Optional[float], nd: int = 2) -> str:
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[str, Dict[str, Any]],
+                  train_times: Dict[str, float], s: EvalSettings, figures: List[str]) -> Path:
+    st = CONFIGS[setting]
+    rows = []
+    for spec in specs:
+        r = results[spec.name]
+        p = st.paper.get(spec.config.defence) if spec.main else None
+        rows.append({
+            "setting": setting, "run": spec.name, "defence": spec.label, "epochs": spec.config.epochs,
+            "phi": round(r["phi"], 2), "phi_stderr": round(r["phi_stderr"], 2),
+            "clean_acc": round(r["clean_acc"], 2), "pgd_acc": round(r["pgd_acc"], 2),
+            "paper_defence": p.label if p else "", "paper_phi": p.phi if p else "",
+            "paper_clean_acc": p.clean if p else "", "paper_pgd_acc": p.pgd if p else "",
+            "train_time_s": round(train_times[spec.name], 1), "eval_time_s": r.get("eval_time_s", ""),
+        })
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+
+    lines = [f"# fastland reproduce {setting}", "",
+             f"{st.model} on {st.dataset}, {specs[0].config.epochs} epochs "
+             f"(paper: 200; {st.table}). Ours first, the paper's in parentheses.", "",
+             "| Defence | Φ (flatness ↑) | Clean acc. % ↑ | PGD acc. % ↑ | train time |",
+             "|---|---:|---:|---:|---:|"]
+    for row, spec in zip(rows, specs):
+        p = st.paper.get(spec.config.defence) if spec.main else None
+        paren = (lambda v: f" ({v})") if p else (lambda v: "")
+        lines.append(
+            f"| {row['defence']} | {row['phi']:.1f} ± {row['phi_stderr']:.1f}{paren(p.phi if p else '')} "
+            f"| {row['clean_acc']:.2f}{paren(p.clean if p else '')} | {row['pgd_acc']:.2f}{paren(p.pgd if p else '')} "
+            f"| {row['train_time_s'] / 60:.1f} min |")
+    main_results = {spec.config.defence: results[spec.name] for spec in specs if spec.main}
+    lines += ["", "Findings of the paper, checked on our numbers:", ""]
+    lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in findings(main_results)]
+    lines += ["", "Evaluation: " + _eval_text(s), ""]
+    if figures:
+        lines += ["Figures:", ""] + [f"- [{Path(f).stem}]({Path(f).name})" for f in figures] + [""]
+    atomic_write_text(out / "results.md", "\n".join(lines))
+    return out / "results.md"
+
+
+def _eval_text(s: EvalSettings) -> str:
+    n = lambda v: "all" if v is None else str(v)  # noqa: E731
+    grid = ", ".join(f"{k}={getattr(s, k)}" for k in ("phi_dirs", "phi_span", "phi_steps") if getattr(s, k) is not None)
+    return (f"PGD-{s.steps} L∞ ε={s.eps * 255:.3g}/255 α={s.alpha * 255:.3g}/255 with random start on "
+            f"{n(s.n_pgd)} test images; clean accuracy on {n(s.n_clean)}; Φ ({s.reduction} over the grid"
+            f"{', ' + grid if grid else ', fastland.flatness defaults'}) on {n(s.n_phi)} test images.")
+
+
+def reproduce(
+    setting: str,
+    out: str | Path,
+    *,
+    epochs: int = 200,
+    defences: Sequence[str] = DEFENCES,
+    eval_settings: Optional[EvalSettings] = None,
+    train_size: Optional[int] = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    sweep: bool = False,
+    figures: bool = True,
+    data_dir: Optional[str] = None,
+    download: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train, evaluate and report one setting of the paper; returns the path of ``results.md``.
+
+    Resumable: finished models (``model.pt``) and evaluations (``eval.json`` with
+    the same settings) are reused, unfinished training resumes from its checkpoint.
+    """
+    out = Path(out)
+    specs = run_specs(setting, epochs=epochs, defences=defences, train_size=train_size,
+                      batch_size=batch_size, seed=seed, sweep=sweep)
+    st = CONFIGS[setting]
+    s = eval_settings or default_eval_settings(st.dataset)
+    test = load_data(specs[0].config, "test", data_dir=data_dir, download=download)
+    models: Dict[str, nn.Module] = {}
+    results: Dict[str, Dict[str, Any]] = {}
+    train_times: Dict[str, float] = {}
+    for i, spec in enumerate(specs):
+        if progress:
+            print(f"[{i + 1}/{len(specs)}] {setting}: {spec.label}", flush=True)
+        r = train(spec.config, out / spec.name, data_dir=data_dir, download=download, resume=True,
+                  device=device, progress=progress)
+        train_times[spec.name] = sum(m.get("time_s", 0.0) for m in r.metrics)
+        models[spec.name] = r.model.eval()
+        results[spec.name] = _evaluate_run(spec, r.model, out / spec.name, test, s, progress)
+    fig_paths: List[str] = []
+    if figures:
+        fig_paths = _draw_figures(out, specs, models, results, test, progress)
+    return _write_tables(out, setting, specs, results, train_times, s, fig_paths)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def landscape_figure(models: Dict[str, nn.Module], x: Tensor, y: Tensor, path: str | Path, *,
+                     directions: str = "rademacher", span: Optional[float] = None, steps: Optional[int] = None,
+                     kind: str = "contour", seed: int = 0, title: Optional[str] = None) -> List[Path]:
+    """Δlog p landscapes of several models around the same sample, side by side.
+
+    Args:
+        models: legend label -> model (eval mode); all on one device.
+        x: ``[1, *S]`` the centre sample; y: ``[1]`` its label (for ``"fgsm"``).
+        path: figure path; a ``.pdf`` is written beside a ``.png`` (and vice versa).
+        directions: ``"rademacher"``, ``"gaussian"`` or ``"fgsm"`` (each model its own FGSM direction).
+        span, steps: the grid (None: :func:`fastland.landscape`'s defaults).
+    Returns:
+        the written figure paths.
+    """
+    from . import plot
+    from .landscape import landscape
+
+    kw: Dict[str, Any] = {"directions": directions, "progress": False}
+    if span is not None:
+        kw["span"] = span
+    if steps is not None:
+        kw["steps"] = steps
+    lands = {}
+    for name, m in models.items():
+        dev = next(m.parameters()).device
+        gen = torch.Generator(device=dev).manual_seed(seed)  # the same random directions for every model
+        lands[name] = landscape(m, x.to(dev), y=y.to(dev), generator=gen, **kw)
+    return plot.save(plot.landscapes(lands, kind=kind, title=title), path)
+
+
+def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
+                  results: Dict[str, Dict[str, Any]], test: Tuple[Tensor, Tensor], progress: bool) -> List[str]:
+    """Figs. 1, 3, 4, 5 (and 2 when a sweep was trained) into ``out``; returns the PNG paths."""
+    from . import plot
+    from .landscape import loglik_histogram
+
+    x, y = test
+    main = {s.label: models[s.name] for s in specs if s.main}
+    paths: List[str] = []
+    x0, y0 = x[:1], y[:1]
+    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig1_landscapes.png", kind="surface",
+                                               title="Fig. 1: Δlog p over two random signed directions")]
+    sweep = [s for s in specs if not s.main or s.config.defence in ("at", "jacobian")]
+    if any(not s.main for s in specs):
+        for d in ("at", "jacobian"):
+            group = sorted((s for s in sweep if s.config.defence == d),
+                           key=lambda s: s.config.at_eps if d == "at" else s.config.lam)
+            paths += [str(p) for p in landscape_figure(
+                {s.label: models[s.name] for s in group}, x0, y0, out / f"fig2_strength_{d}.png",
+                title=f"Fig. 2: increasing {'AT ε' if d == 'at' else 'Jacobian λ'}")]
+    hists = {}
+    for label, m in main.items():
+        dev = next(m.parameters()).device
+        gen = torch.Generator(device=dev).manual_seed(0)
+        hists[label] = loglik_histogram(m, x[:1000].to(dev), generator=gen, progress=False)
+    paths += [str(p) for p in plot.save(plot.histograms(hists), out / "fig3_histograms.png")]
+    points = {s.label: (results[s.name]["phi"], results[s.name]["pgd_acc"]) for s in specs}
+    paths += [str(p) for p in plot.save(plot.flatness_vs_robustness(points), out / "fig4_flatness_vs_robustness.png")]
+    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig5_fgsm_landscapes.png", directions="fgsm",
+                                               title="Fig. 5: Δlog p along the FGSM direction and a random one")]
+    return [p for p in paths if p.endswith(".png")]
