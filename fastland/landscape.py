@@ -24,10 +24,12 @@ linearity that the fusion relies on, and the reference does not clip).
 from __future__ import annotations
 
 import math
+import sys
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -218,12 +220,16 @@ def _draw_pairs(
     if kind == "fgsm":
         if y is None:
             raise ValueError("y: FGSM directions need labels; pass y=[N] integer labels (or a dataset of (x, y))")
-        d1 = fgsm_direction(model, x, y)
-        d2 = torch.stack([orthogonal_signs(d1, generator) for _ in range(n)])
-        return d1.unsqueeze(0).expand_as(d2).contiguous(), d2
+        return _fgsm_pairs(fgsm_direction(model, x, y), n, generator)
     rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * N, *x.shape[1:])
     d1, d2 = directions(rep, kind, generator)
     return d1.view(n, *x.shape), d2.view(n, *x.shape)
+
+
+def _fgsm_pairs(d1: Tensor, n: int, generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+    """``n`` pairs ``(d1, d2_j)``, ``d2_j`` random signs orthogonal to ``d1`` ``[N, *S]``: each ``[n, N, *S]``."""
+    d2 = torch.stack([orthogonal_signs(d1, generator) for _ in range(n)])
+    return d1.unsqueeze(0).expand_as(d2).contiguous(), d2
 
 
 def _given_pair(x: Tensor, pair: Any) -> Tuple[Tensor, Tensor]:
@@ -336,6 +342,14 @@ def _base_logits(model: nn.Module, x: Tensor, per_call: int) -> Tensor:
     return torch.cat([model(x[i : i + per_call]) for i in range(0, x.shape[0], per_call)])
 
 
+class GridResult(NamedTuple):
+    """Output of :func:`landscape_values`."""
+
+    values: Tensor  # [N, Sb, Sa]
+    base_lse: Tensor  # [N]
+    fused: bool  # whether the first-layer fusion was used
+
+
 def landscape_values(
     model: nn.Module,
     x: Tensor,
@@ -347,13 +361,13 @@ def landscape_values(
     batch_size: Union[int, str] = "auto",
     fuse_first_layer: Union[bool, str] = "auto",
     progress: bool = False,
-) -> Tuple[Tensor, Tensor]:
+) -> GridResult:
     """The landscape kernel: no argument checks, model already in eval mode.
 
     Args:
         x, d1, d2: ``[N, *S]``; alphas ``[Sa]``; betas ``[Sb]`` (x's dtype and device).
     Returns:
-        ``(values [N, Sb, Sa], base_lse [N])``.
+        :class:`GridResult` ``(values [N, Sb, Sa], base_lse [N], fused)``.
     """
     N, Sa, Sb = x.shape[0], alphas.shape[0], betas.shape[0]
     G = Sa * Sb
@@ -375,7 +389,7 @@ def landscape_values(
             out[i0:i1, g0:g1] = ops.grid_relative_loglik(z, base_lse[i0:i1])
             bar.update((i1 - i0) * (g1 - g0))
         bar.close()
-    return out.view(N, Sb, Sa).clone(), base_lse.clone()
+    return GridResult(out.view(N, Sb, Sa).clone(), base_lse.clone(), split is not None)
 
 
 def landscape(
@@ -450,13 +464,13 @@ def landscape(
     alphas = grid_coordinates(span, steps, dtype=x.dtype, device=x.device)
     betas = alphas.clone()
     with eval_mode(model):
-        values, base = landscape_values(
+        res = landscape_values(
             model, x, d1, d2, alphas, betas, batch_size=batch_size,
             fuse_first_layer=fuse_first_layer, progress=progress,
         )
     kind = directions if isinstance(directions, str) else "given"
-    return Landscape(alphas, betas, values, base, d1, d2,
-                     {"directions": kind, "span": float(span), "steps": steps})
+    return Landscape(alphas, betas, res.values, res.base_lse, d1, d2,
+                     {"directions": kind, "span": float(span), "steps": steps, "fused": res.fused})
 
 
 # --------------------------------------------------------------------------- flatness
@@ -602,11 +616,14 @@ def _per_sample_pairs(
     model: nn.Module, x: Tensor, y: Optional[Tensor], idx: Tensor, kind: str, n: int, seed: int
 ) -> Tuple[Tensor, Tensor]:
     """Direction pairs ``[n, B, *S]`` with sample ``idx[k]``'s drawn from generator ``(seed, idx[k])``."""
-    pairs = [
-        _draw_pairs(model, x[k : k + 1], None if y is None else y[k : k + 1], kind, n,
-                    sample_generator(seed, int(i), x.device))
-        for k, i in enumerate(idx.tolist())
-    ]
+    fgsm = fgsm_direction(model, x, y) if kind == "fgsm" and y is not None else None
+    pairs = []
+    for k, i in enumerate(idx.tolist()):
+        gen = sample_generator(seed, int(i), x.device)
+        if fgsm is not None:
+            pairs.append(_fgsm_pairs(fgsm[k : k + 1], n, gen))
+        else:
+            pairs.append(_draw_pairs(model, x[k : k + 1], None, kind, n, gen))
     return torch.cat([p[0] for p in pairs], dim=1), torch.cat([p[1] for p in pairs], dim=1)
 
 
@@ -627,9 +644,9 @@ def _landscape_dataset(
     def compute(idx: Tensor, x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         _check_inputs(x)
         d1, d2 = _per_sample_pairs(model, x, y, idx, directions, 1, seed)
-        values, base = landscape_values(model, x, d1[0], d2[0], grid, grid, batch_size=batch_size,
-                                        fuse_first_layer=fuse_first_layer)
-        return {"values": values, "base_logp": base}
+        res = landscape_values(model, x, d1[0], d2[0], grid, grid, batch_size=batch_size,
+                               fuse_first_layer=fuse_first_layer)
+        return {"values": res.values, "base_logp": res.base_lse}
 
     config = {"task": "landscape", "directions": directions, "span": float(span), "steps": steps,
               "seed": seed}
@@ -766,3 +783,21 @@ def loglik_histogram(
     if not clean:
         raise ValueError("data: expected at least one sample, got none")
     return LoglikHistogram(torch.cat(clean), torch.cat(perturbed), float(eps), kind)
+
+
+# --------------------------------------------------------------------------- top-level name clash
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`landscape`.
+
+    ``fastland.landscape`` is both this submodule and the exported function:
+    importing the submodule rebinds the package attribute to the module
+    (Python's import system does ``setattr(fastland, "landscape", module)``),
+    so ``fastland.landscape(model, x)`` must work on the module too.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Landscape:
+        return landscape(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
