@@ -274,6 +274,7 @@ def _reproduce_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true",
                    help="also train AT and Jacobian models of increasing strength (Figs. 2 and 4)")
+    p.add_argument("--no-figures", action="store_true", help="tables only (a later run without it draws them)")
     _add_eval_options(p, n_phi=1000)
     _add_data_options(p)
     _add_run_options(p)
@@ -288,6 +289,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     s = _eval_settings(args, CONFIGS[args.setting].dataset, args.seed)
     report = reproduce(args.setting, out, epochs=args.epochs, defences=defences, eval_settings=s,
                        train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, sweep=args.sweep,
+                       figures=not args.no_figures,
                        data_dir=args.data_dir, download=args.download, device=args.device,
                        progress=not args.no_progress)
     print(f"results: {report}")

@@ -673,11 +673,16 @@ def load_data(
     ``train_size`` examples, a fixed random subset)."""
     from . import data
 
-    if c.dataset == "synthetic":
-        n = (c.train_size or 512) if split == "train" else max(64, (c.train_size or 512) // 4)
-        ds = data.synthetic_dataset(n, shape=tuple(c.synthetic_shape), n_classes=c.synthetic_classes,
-                                    seed=c.seed * 2 + (0 if split == "train" else 1))
-        return ds.tensors[0], ds.tensors[1]
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    if c.dataset == "synthetic":  # one draw (shared class prototypes), split into train and test
+        n_train = c.train_size or 512
+        n_test = max(64, n_train // 4)
+        ds = data.synthetic_dataset(n_train + n_test, shape=tuple(c.synthetic_shape),
+                                    n_classes=c.synthetic_classes, seed=c.seed)
+        x, y = ds.tensors
+        sl = slice(0, n_train) if split == "train" else slice(n_train, None)
+        return x[sl], y[sl]
     ds = data.load_dataset(c.dataset, split, data_dir=data_dir, download=download)
     x, y = ds.tensors
     if split == "train" and c.train_size is not None and c.train_size < x.shape[0]:
