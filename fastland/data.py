@@ -203,7 +203,17 @@ def tensor_batches(
             yield tuple(t[start:start + batch_size] for t in tensors)
         else:
             idx = order[start:start + batch_size]
-            yield tuple(t[idx.to(t.device)] for t in tensors)
+            yield tuple(_take_rows(t, idx) for t in tensors)
+
+
+def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` for ``t`` ``[N, *R]`` and ``idx`` ``[b]`` → ``[b, *R]``, gathered from the
+    2-D view ``[N, prod(R)]``: one contiguous row copy per index (plain ``t[idx]`` on a
+    4-D tensor was 8-20x slower on a loaded 2-core CPU, see benchmarks/notes/data.md)."""
+    idx = idx.to(t.device)
+    if t.dim() <= 2:
+        return t.index_select(0, idx)
+    return t.reshape(t.shape[0], -1).index_select(0, idx).view(idx.shape[0], *t.shape[1:])
 
 
 # --------------------------------------------------------------------------- loading
@@ -375,7 +385,7 @@ def _load_fmnist(split: str, root: Optional[Path], download: bool) -> Tuple[Tens
             f"{image_path} holds {images.shape[0]} images but {label_path} {labels.shape[0]} labels"
         )
     _check_labels(label_path, labels, FMNIST.n_classes)
-    x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
+    x = torch.from_numpy(images.astype(np.float32)).div_(255.0).unsqueeze(1)  # one pass, writable
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y
 
