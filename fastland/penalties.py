@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +62,7 @@ REDUCTIONS = ("mean", "sum", "none")
 # 3.6e-4 per pixel in RMS).
 _FD_STEPS = {torch.float64: 1e-4, torch.float32: 1e-2, torch.bfloat16: 1e-1, torch.float16: 1e-1}
 
-_warned: set = set()
+_warned: Set[str] = set()
 
 
 def default_fd_step(dtype: torch.dtype) -> float:
@@ -113,7 +113,8 @@ def _check_args(
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != logits.device.type:
+        gdev, ldev = generator.device, logits.device
+        if gdev.type != ldev.type or (gdev.index is not None and ldev.index is not None and gdev.index != ldev.index):
             raise ValueError(
                 f"generator: expected a torch.Generator on {logits.device} (the device of logits), "
                 f"got one on {generator.device}"
@@ -216,8 +217,6 @@ def vjp_sqnorms(
     if cotangents.shape[0] > 1 and _use_batched(inputs.device, batched):
         try:
             return _vjp_sqnorms_batched(logits, inputs, cotangents)
-        except ValueError:
-            raise
         except RuntimeError as err:  # no batching rule for some op of the model
             _warn_once(
                 "fastland penalties: the batched backward (is_grads_batched) failed for this model "

@@ -1,0 +1,166 @@
+"""Penalty benchmarks: one training step of CE + penalty on LeNet-5, 28×28, batch 128.
+
+Groups:
+
+* ``penalties-estimators``: a plain CE step (baseline; inputs do not require
+  grad, as in ordinary training) against CE + (λ/2)·penalty for every estimator.
+* ``penalties-proj-n{1,4,8}``: AMSReg ``projection`` with ``n_proj`` projections as
+  the JacobianReg-style Python loop (baseline, written here), as one batched
+  backward (``is_grads_batched``), and fastland's per-device default.
+
+Run::
+
+    .venv/bin/python -m pytest benchmarks/bench_penalties.py --benchmark-only -q \
+        --benchmark-min-rounds=5 --benchmark-json=/tmp/bench_penalties.json
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastland import models
+from fastland.penalties import amsreg_loss, jacobian_loss
+
+BATCH, LAM = 128, 0.5
+Penalty = Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]]
+
+
+THREADS = 1  # one intra-op thread: on a shared 2-core machine, 2 OpenMP threads
+#               stall on every barrier whenever another process holds a core.
+
+
+@pytest.fixture(scope="module")
+def setup() -> Iterator[tuple]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = models.create("lenet", "fmnist").train()
+    x = torch.rand(BATCH, 1, 28, 28)
+    y = torch.randint(0, 10, (BATCH,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    yield model, x, y, opt
+    torch.set_num_threads(threads)
+
+
+def train_step(model: nn.Module, x0: Tensor, y: Tensor, opt: torch.optim.Optimizer, penalty: Penalty,
+               params_only: bool = False) -> float:
+    """One SGD step of ``CE + λ/2 · penalty`` (plain CE when ``penalty`` is None).
+
+    ``params_only``: ``loss.backward(inputs=params)``, which skips ``x.grad``
+    (the drop-in example's ``loss.backward()`` also computes it).
+    """
+    x = x0.clone().requires_grad_(penalty is not None)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    if penalty is not None:
+        loss = loss + LAM / 2 * penalty(model, logits, x)
+    opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=list(model.parameters()) if params_only else None)
+    opt.step()
+    return loss.item()
+
+
+def jacobianreg_style_loop(model: nn.Module, logits: Tensor, x: Tensor, n_proj: int) -> Tensor:
+    """The loop of Hoffman et al.'s ``JacobianReg``, with AMSReg's cotangent ``v ⊙ p``:
+    one double-backward VJP per projection, ``C·‖(v⊙p)ᵀJ‖²/(P·B)`` summed."""
+    B, C = logits.shape
+    p = torch.softmax(logits, dim=-1)
+    total = logits.new_zeros(())
+    for _ in range(n_proj):
+        v = torch.randn(B, C)
+        v = v / v.norm(dim=1, keepdim=True)
+        (g,) = torch.autograd.grad(logits, x, grad_outputs=v * p, create_graph=True)
+        total = total + C * g.pow(2).sum() / (n_proj * B)
+    return total
+
+
+def _projection(m: nn.Module, z: Tensor, x: Tensor) -> Tensor:
+    return amsreg_loss(z, x)
+
+
+def _finite_difference(m: nn.Module, z: Tensor, x: Tensor) -> Tensor:
+    return amsreg_loss(z, x, estimator="finite_difference", model=m)
+
+
+# name -> (penalty, params_only)
+ESTIMATORS = {
+    "plain_ce_step": (None, False),
+    "amsreg_projection_n1": (_projection, False),
+    "amsreg_gradnorm": (lambda m, z, x: amsreg_loss(z, x, estimator="gradnorm"), False),
+    "amsreg_finite_difference": (_finite_difference, False),
+    "amsreg_exact": (lambda m, z, x: amsreg_loss(z, x, estimator="exact"), False),
+    "jacobian_projection_n1": (lambda m, z, x: jacobian_loss(z, x), False),
+    "amsreg_projection_n1_backward_params_only": (_projection, True),
+    "amsreg_finite_difference_backward_params_only": (_finite_difference, True),
+}
+
+
+@pytest.mark.benchmark(group="penalties-estimators")
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_estimator_step(benchmark, setup, name: str) -> None:
+    model, x, y, opt = setup
+    penalty, params_only = ESTIMATORS[name]
+    loss = benchmark.pedantic(train_step, args=(model, x, y, opt, penalty, params_only),
+                              rounds=7, iterations=1, warmup_rounds=1)
+    assert loss == loss  # finite, not NaN
+    if name == "plain_ce_step":
+        benchmark.extra_info["baseline"] = True
+
+
+PATHS = {
+    "loop_jacobianreg_style": lambda n: (lambda m, z, x: jacobianreg_style_loop(m, z, x, n)),
+    "batched_is_grads_batched": lambda n: (lambda m, z, x: amsreg_loss(z, x, n_proj=n, batched=True)),
+    "fastland_default": lambda n: (lambda m, z, x: amsreg_loss(z, x, n_proj=n)),
+}
+
+
+@pytest.mark.parametrize("n_proj", [1, 4, 8])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_projection_paths(benchmark, setup, n_proj: int, path: str) -> None:
+    model, x, y, opt = setup
+    benchmark.group = f"penalties-proj-n{n_proj}"
+    loss = benchmark.pedantic(train_step, args=(model, x, y, opt, PATHS[path](n_proj)),
+                              rounds=5, iterations=1, warmup_rounds=1)
+    assert loss == loss
+    if path == "loop_jacobianreg_style":
+        benchmark.extra_info["baseline"] = True
+
+
+def interleaved(rounds: int = 15) -> None:
+    """Load-robust ratios on a shared machine: every case once per round, in turn,
+    so that a burst of load from other processes hits all cases alike; prints
+    each case's median and min time over the rounds and its ratio to the
+    group's baseline. Run: ``.venv/bin/python benchmarks/bench_penalties.py``."""
+    import time
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = models.create("lenet", "fmnist").train()
+    x, y = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    groups = {"estimators (÷ plain_ce_step)": {k: v for k, v in ESTIMATORS.items()}}
+    for n in (1, 4, 8):
+        groups[f"proj-n{n} (÷ loop)"] = {p: (PATHS[p](n), False) for p in PATHS}
+    for title, cases in groups.items():
+        times = {k: [] for k in cases}
+        for r in range(rounds + 1):
+            for k, (pen, params_only) in cases.items():
+                t = time.perf_counter()
+                train_step(model, x, y, opt, pen, params_only)
+                if r:  # round 0 warms up
+                    times[k].append(time.perf_counter() - t)
+        base = next(iter(cases))
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        low = {k: min(v) for k, v in times.items()}
+        print(f"\n{title}: {rounds} interleaved rounds, {THREADS} thread")
+        for k in cases:
+            print(f"  {k:48s} median {med[k] * 1e3:7.1f} ms ({med[k] / med[base]:.2f}x)"
+                  f"   min {low[k] * 1e3:7.1f} ms ({low[k] / low[base]:.2f}x)")
+
+
+if __name__ == "__main__":
+    interleaved()
