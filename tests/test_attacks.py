@@ -18,6 +18,16 @@ SHAPE = (1, 8, 8)
 N_CLASSES = 4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread while this file's tests run (restored after): on the shared
+    2-core box, 2-thread OpenMP regions stall behind other processes (10-15x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def trained() -> tuple:
     """A tiny CNN fitted to a synthetic set (clean accuracy checked in the test that uses it)."""
@@ -25,10 +35,15 @@ def trained() -> tuple:
     x, y = synthetic_dataset(256, SHAPE, N_CLASSES, seed=0).tensors
     model = tiny_cnn(1, N_CLASSES, size=8)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    threads = torch.get_num_threads()  # set up before the function-scoped _one_thread
+    torch.set_num_threads(1)
+    try:
+        for _ in range(60):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.zero_grad(set_to_none=True)
     return model.eval(), x, y
 

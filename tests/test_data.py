@@ -16,6 +16,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastland import data
 from fastland.data import DataCorruptError, DataNotFoundError, load_dataset
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread while this file's tests run (restored after): on the shared
+    2-core box, 2-thread OpenMP regions stall behind other processes (10-15x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 FMNIST_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -346,3 +356,16 @@ def test_tensor_batches_bad_arguments() -> None:
         list(data.tensor_batches(ds, 0))
     with pytest.raises(TypeError, match="dataset: expected a TensorDataset"):
         list(data.tensor_batches([1, 2], 1))  # type: ignore[arg-type]
+
+
+def test_cifar10_pickle_with_numpy1_module_names(isolated: Path) -> None:
+    """The published CIFAR-10 files (Python 2, numpy 1.x) name numpy.core.multiarray."""
+    write_cifar(isolated / "c", n_per_batch=2)
+    d = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    payload = pickle.dumps({b"data": d, b"labels": [3, 4]}, protocol=2)
+    payload = payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in payload
+    (isolated / "c" / "cifar-10-batches-py" / "test_batch").write_bytes(payload)
+    x, y = load_dataset("cifar10", "test", data_dir=isolated / "c").tensors
+    assert y.tolist() == [3, 4]
+    assert x[1, 2, 31, 31].item() == pytest.approx(d[1, 3071] / 255)

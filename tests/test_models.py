@@ -9,6 +9,16 @@ from fastland import models
 from fastland.data import DATASETS, DatasetInfo, synthetic_info
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread while this file's tests run (restored after): on the shared
+    2-core box, 2-thread OpenMP regions stall behind other processes (10-15x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -194,16 +204,19 @@ def test_bad_construction_arguments() -> None:
 
 
 def test_trains_on_synthetic_data() -> None:
-    """Sanity: a few SGD steps on the synthetic set fit it well above chance."""
+    """Sanity: ten Adam steps on 96 synthetic images classify fresh draws from the same
+    class prototypes well above chance (25%)."""
     from fastland.data import synthetic_dataset
 
-    images, labels = synthetic_dataset(200, (1, 16, 16), n_classes=4, seed=1).tensors
-    model = models.create("ddnet", synthetic_info((1, 16, 16), 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(30):
+    shape = (1, 12, 12)
+    images, labels = synthetic_dataset(96, shape, n_classes=4, seed=1).tensors
+    fresh_x, fresh_y = synthetic_dataset(200, shape, n_classes=4, seed=1).tensors  # same prototypes
+    model = models.create("lenet", synthetic_info(shape, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(10):
         opt.zero_grad()
         nn.functional.cross_entropy(model(images), labels).backward()
         opt.step()
     with torch.no_grad():
-        acc = (model(images).argmax(1) == labels).float().mean().item()
+        acc = (model(fresh_x[96:]).argmax(1) == fresh_y[96:]).float().mean().item()
     assert acc > 0.9
