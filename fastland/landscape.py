@@ -242,7 +242,7 @@ def _given_pair(x: Tensor, pair: Any) -> Tuple[Tensor, Tensor]:
     for name, d in zip(("d1", "d2"), pair):
         check_tensor(name, d, finite=True)
         if tuple(d.shape) == tuple(x.shape[1:]):
-            d = d.unsqueeze(0).expand_as(x)
+            d = d.unsqueeze(0).expand_as(x).contiguous()
         if d.shape != x.shape:
             raise ValueError(
                 f"{name}: expected shape {tuple(x.shape)} (that of x) or {tuple(x.shape[1:])}, got {tuple(d.shape)}"
@@ -308,16 +308,13 @@ class Landscape:
         )
 
 
-def _fusion_split(
-    model: nn.Module, x: Tensor, logits: Tensor, fuse: Union[bool, str]
-) -> Optional[FirstLayerSplit]:
-    """The first-layer split to use, verified on (up to 8 of) the clean samples."""
+def _fusion_split(model: nn.Module, probe: Tensor, fuse: Union[bool, str]) -> Optional[FirstLayerSplit]:
+    """The first-layer split to use, verified against ``model(probe)`` (a few clean samples)."""
     if fuse is False:
         return None
     split = split_first_layer(model)
-    k = min(8, x.shape[0])
-    atol, rtol = (1e-10, 1e-8) if x.dtype == torch.float64 else (1e-4, 1e-4)
-    ok = split is not None and verify_split(split, x[:k], logits[:k], atol=atol, rtol=rtol)
+    atol, rtol = (1e-10, 1e-8) if probe.dtype == torch.float64 else (1e-4, 1e-4)
+    ok = split is not None and verify_split(split, probe, model(probe), atol=atol, rtol=rtol)
     if fuse is True and not ok:
         raise ValueError(
             "fuse_first_layer: True needs a model whose first layer is affine (an nn.Sequential starting "
@@ -335,6 +332,13 @@ def _chunks(n_samples: int, n_points: int, per_call: int):
     for i0 in range(0, n_samples, nb):
         for g0 in range(0, n_points, gb):
             yield i0, min(i0 + nb, n_samples), g0, min(g0 + gb, n_points)
+
+
+def _sample_blocks(n_samples: int, n_points: int, per_call: int, min_block: int = 64):
+    """Yield ``(i0, i1)`` blocks of samples: whole model calls' worth, at least ``min_block`` samples."""
+    step = max(min_block, per_call // n_points)
+    for i0 in range(0, n_samples, step):
+        yield i0, min(i0 + step, n_samples)
 
 
 def _base_logits(model: nn.Module, x: Tensor, per_call: int) -> Tensor:
@@ -374,20 +378,24 @@ def landscape_values(
     a, b = _flat_grid(alphas, betas)
     with torch.inference_mode():
         per_call = resolve_batch_size(batch_size, model, x[:1])
-        logits = _base_logits(model, x, per_call)
-        base_lse = torch.logsumexp(logits, dim=-1)
-        split = _fusion_split(model, x, logits, fuse_first_layer)
-        if split is not None:
-            h0, hu, hv, forward = split.affine(x), split.linear(d1), split.linear(d2), split.rest
-        else:
-            h0, hu, hv, forward = x, d1, d2, model
+        split = _fusion_split(model, x[:8], fuse_first_layer)
+        forward = split.rest if split is not None else model
         out = x.new_empty((N, G))
+        base_lse = x.new_empty(N)
         bar = progress_bar(N * G, "landscape", progress, unit="pt")
-        for i0, i1, g0, g1 in _chunks(N, G, per_call):
-            pts = ops.grid_combine(h0[i0:i1], hu[i0:i1], hv[i0:i1], a[g0:g1], b[g0:g1])
-            z = forward(pts.flatten(0, 1)).view(i1 - i0, g1 - g0, -1)
-            out[i0:i1, g0:g1] = ops.grid_relative_loglik(z, base_lse[i0:i1])
-            bar.update((i1 - i0) * (g1 - g0))
+        # Sample blocks bound the memory of the first-layer outputs h0, hu, hv.
+        for i0, i1 in _sample_blocks(N, G, per_call):
+            xb = x[i0:i1]
+            base_lse[i0:i1] = torch.logsumexp(_base_logits(model, xb, per_call), dim=-1)
+            if split is not None:
+                h0, hu, hv = split.affine(xb), split.linear(d1[i0:i1]), split.linear(d2[i0:i1])
+            else:
+                h0, hu, hv = xb, d1[i0:i1], d2[i0:i1]
+            for j0, j1, g0, g1 in _chunks(i1 - i0, G, per_call):
+                pts = ops.grid_combine(h0[j0:j1], hu[j0:j1], hv[j0:j1], a[g0:g1], b[g0:g1])
+                z = forward(pts.flatten(0, 1)).view(j1 - j0, g1 - g0, -1)
+                out[i0 + j0 : i0 + j1, g0:g1] = ops.grid_relative_loglik(z, base_lse[i0 + j0 : i0 + j1])
+                bar.update((j1 - j0) * (g1 - g0))
         bar.close()
     return GridResult(out.view(N, Sb, Sa).clone(), base_lse.clone(), split is not None)
 
