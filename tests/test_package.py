@@ -21,7 +21,7 @@ def test_import_initialises_no_cuda_and_imports_nothing_heavy():
     code = (
         "import sys, json, torch, fastland\n"
         "print(json.dumps({'cuda': torch.cuda.is_initialized(),"
-        " 'heavy': [m for m in ('matplotlib', 'triton', 'torchvision', 'tqdm') if m in sys.modules],"
+        " 'heavy': [m for m in ('matplotlib', 'triton', 'torchvision') if m in sys.modules],"
         " 'version': fastland.__version__}))"
     )
     res = _run(code)
