@@ -8,10 +8,13 @@ Groups:
   the JacobianReg-style Python loop (baseline, written here), as one batched
   backward (``is_grads_batched``), and fastland's per-device default.
 
-Run::
+Run (process CPU time, one intra-op thread: on this shared 2-core machine wall
+time swings 2-3x with other processes' load, CPU time by a few percent)::
 
     .venv/bin/python -m pytest benchmarks/bench_penalties.py --benchmark-only -q \
-        --benchmark-min-rounds=5 --benchmark-json=/tmp/bench_penalties.json
+        --benchmark-timer=time.process_time --benchmark-json=/tmp/bench_penalties.json
+
+and, for ratios from interleaved rounds, ``.venv/bin/python benchmarks/bench_penalties.py``.
 """
 from __future__ import annotations
 
@@ -132,9 +135,10 @@ def test_projection_paths(benchmark, setup, n_proj: int, path: str) -> None:
 
 def interleaved(rounds: int = 15) -> None:
     """Load-robust ratios on a shared machine: every case once per round, in turn,
-    so that a burst of load from other processes hits all cases alike; prints
-    each case's median and min time over the rounds and its ratio to the
-    group's baseline. Run: ``.venv/bin/python benchmarks/bench_penalties.py``."""
+    so that a burst of load from other processes hits all cases alike; process
+    CPU time (one thread); prints each case's median and min over the rounds
+    and its ratio to the group's baseline.
+    Run: ``.venv/bin/python benchmarks/bench_penalties.py``."""
     import time
 
     torch.set_num_threads(THREADS)
@@ -149,14 +153,14 @@ def interleaved(rounds: int = 15) -> None:
         times = {k: [] for k in cases}
         for r in range(rounds + 1):
             for k, (pen, params_only) in cases.items():
-                t = time.perf_counter()
+                t = time.process_time()
                 train_step(model, x, y, opt, pen, params_only)
                 if r:  # round 0 warms up
-                    times[k].append(time.perf_counter() - t)
+                    times[k].append(time.process_time() - t)
         base = next(iter(cases))
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         low = {k: min(v) for k, v in times.items()}
-        print(f"\n{title}: {rounds} interleaved rounds, {THREADS} thread")
+        print(f"\n{title}: {rounds} interleaved rounds, {THREADS} thread, CPU time")
         for k in cases:
             print(f"  {k:48s} median {med[k] * 1e3:7.1f} ms ({med[k] / med[base]:.2f}x)"
                   f"   min {low[k] * 1e3:7.1f} ms ({low[k] / low[base]:.2f}x)")
