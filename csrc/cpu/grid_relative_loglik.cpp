@@ -1,0 +1,100 @@
+// fastland::cpp_grid_relative_loglik_{forward,backward}: CPU kernels of the fused
+// op grid_relative_loglik (DESIGN §2.3). OpenMP (at::parallel_for) over blocks of grid points.
+//
+// forward:  logits [N, G, C], base_lse [N] -> out [N, G] = logsumexp(logits[n, g]) - base_lse[n]
+// backward: grad_out [N, G], logits [N, G, C] -> grad_logits = grad_out[n, g] * softmax(logits[n, g])
+//           (the gradient to base_lse, -sum_g grad_out, is one reduction left to PyTorch)
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "softmax_rows.h"
+
+namespace fastland {
+namespace cpu {
+namespace {
+
+void check_logits(const at::Tensor& logits) {
+  check_input(logits, "logits");
+  TORCH_CHECK(logits.dim() == 3, "logits: expected shape [N, G, C], got ", logits.sizes());
+  TORCH_CHECK(logits.size(2) >= 1, "logits: expected at least one class, got ", logits.sizes());
+}
+
+template <typename T>
+void forward_impl(const T* z, const T* base, T* out, int64_t N, int64_t G, int64_t C) {
+  const int64_t R = N * G;
+  const int64_t block = rows_per_block(C);
+  const int64_t n_blocks = (R + block - 1) / block;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    std::vector<T> work(block * C);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t r0 = blk * block;
+      const int64_t rows = std::min(block, R - r0);
+      softmax_rows(z + r0 * C, rows, C, work.data(), out + r0, false);
+      for (int64_t r = r0; r < r0 + rows; ++r) out[r] -= base[r / G];
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* gout, const T* z, T* gz, int64_t R, int64_t C) {
+  const int64_t block = rows_per_block(C);
+  const int64_t n_blocks = (R + block - 1) / block;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    std::vector<T> lse(block);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t r0 = blk * block;
+      const int64_t rows = std::min(block, R - r0);
+      T* out = gz + r0 * C;
+      softmax_rows(z + r0 * C, rows, C, out, lse.data(), true);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T g = gout[r0 + r];
+        for (int64_t c = 0; c < C; ++c) out[r * C + c] *= g;
+      }
+    }
+  });
+}
+
+at::Tensor grid_relative_loglik_forward(const at::Tensor& logits, const at::Tensor& base_lse) {
+  check_logits(logits);
+  check_input(base_lse, "base_lse");
+  check_same_dtype(base_lse, logits, "base_lse", "logits");
+  TORCH_CHECK(base_lse.dim() == 1 && base_lse.size(0) == logits.size(0), "base_lse: expected shape [",
+              logits.size(0), "], got ", base_lse.sizes());
+  const int64_t N = logits.size(0), G = logits.size(1), C = logits.size(2);
+  at::Tensor out = at::empty({N, G}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_grid_relative_loglik_forward", [&] {
+    forward_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), base_lse.const_data_ptr<scalar_t>(),
+                           out.mutable_data_ptr<scalar_t>(), N, G, C);
+  });
+  return out;
+}
+
+at::Tensor grid_relative_loglik_backward(const at::Tensor& grad_out, const at::Tensor& logits) {
+  check_logits(logits);
+  check_input(grad_out, "grad_out");
+  check_same_dtype(grad_out, logits, "grad_out", "logits");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == logits.size(0) && grad_out.size(1) == logits.size(1),
+              "grad_out: expected shape [", logits.size(0), ", ", logits.size(1), "], got ", grad_out.sizes());
+  at::Tensor gz = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_grid_relative_loglik_backward", [&] {
+    backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
+                            gz.mutable_data_ptr<scalar_t>(), logits.size(0) * logits.size(1), logits.size(2));
+  });
+  return gz;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastland
+
+TORCH_LIBRARY_FRAGMENT(fastland, m) {
+  m.def("cpp_grid_relative_loglik_forward(Tensor logits, Tensor base_lse) -> Tensor");
+  m.def("cpp_grid_relative_loglik_backward(Tensor grad_out, Tensor logits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastland, CPU, m) {
+  m.impl("cpp_grid_relative_loglik_forward", &fastland::cpu::grid_relative_loglik_forward);
+  m.impl("cpp_grid_relative_loglik_backward", &fastland::cpu::grid_relative_loglik_backward);
+}

@@ -1,0 +1,163 @@
+// fastland::cpp_weighted_projection_{forward,backward}: CPU kernels of the fused
+// op weighted_projection (DESIGN §2.1). OpenMP (at::parallel_for) over blocks of rows.
+//
+// forward:  logits [B, C], noise [P, B, C] -> cot [P, B, C], lse [B]
+//           v = noise / ||noise|| per row (v = 1 when C = 1), cot = v * softmax(z) (or v).
+// backward: grad_cot [P, B, C], grad_lse [B], logits, noise -> grad_logits [B, C]
+//           w = sum_p grad_cot_p * v_p, grad = s * (grad_lse + w - <w, s>)  (softmax weight)
+//           grad = grad_lse * s                                              (uniform weight)
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "softmax_rows.h"
+
+namespace fastland {
+namespace cpu {
+namespace {
+
+void check_args(const at::Tensor& logits, const at::Tensor& noise) {
+  check_input(logits, "logits");
+  check_input(noise, "noise");
+  check_same_dtype(noise, logits, "noise", "logits");
+  TORCH_CHECK(logits.dim() == 2, "logits: expected shape [B, C], got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) >= 1, "logits: expected at least one class, got ", logits.sizes());
+  TORCH_CHECK(noise.dim() == 3 && noise.size(1) == logits.size(0) && noise.size(2) == logits.size(1),
+              "noise: expected shape [P, ", logits.size(0), ", ", logits.size(1), "], got ", noise.sizes());
+}
+
+// 1 / ||row|| of a noise row (the normalisation of v); 0 is never used since C = 1 takes v = 1.
+template <typename T>
+inline T inv_norm(const T* row, int64_t C) {
+  return static_cast<T>(1.0 / std::sqrt(row_dot(row, row, C)));
+}
+
+template <typename T>
+void forward_impl(const T* z, const T* noise, T* cot, T* lse, int64_t P, int64_t B, int64_t C, bool softmax) {
+  const int64_t block = rows_per_block(C);
+  const int64_t n_blocks = (B + block - 1) / block;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    std::vector<T> prob(block * C);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t r0 = blk * block;
+      const int64_t rows = std::min(block, B - r0);
+      softmax_rows(z + r0 * C, rows, C, prob.data(), lse + r0, true);
+      for (int64_t p = 0; p < P; ++p) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t off = (p * B + r0 + r) * C;
+          const T* nr = noise + off;
+          T* out = cot + off;
+          const T* pr = prob.data() + r * C;
+          if (C == 1) {
+            out[0] = softmax ? pr[0] : T(1);
+          } else if (softmax) {
+            const T s = inv_norm(nr, C);
+            for (int64_t c = 0; c < C; ++c) out[c] = nr[c] * s * pr[c];
+          } else {
+            const T s = inv_norm(nr, C);
+            for (int64_t c = 0; c < C; ++c) out[c] = nr[c] * s;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* gcot, const T* glse, const T* z, const T* noise, T* gz, int64_t P, int64_t B, int64_t C,
+                   bool softmax) {
+  const int64_t block = rows_per_block(C);
+  const int64_t n_blocks = (B + block - 1) / block;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    std::vector<T> prob(block * C);
+    std::vector<T> w(block * C);
+    std::vector<T> lse(block);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t r0 = blk * block;
+      const int64_t rows = std::min(block, B - r0);
+      softmax_rows(z + r0 * C, rows, C, prob.data(), lse.data(), true);
+      if (!softmax) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const T g = glse[r0 + r];
+          const T* pr = prob.data() + r * C;
+          T* out = gz + (r0 + r) * C;
+          for (int64_t c = 0; c < C; ++c) out[c] = g * pr[c];
+        }
+        continue;
+      }
+      std::fill(w.begin(), w.begin() + rows * C, T(0));
+      for (int64_t p = 0; p < P; ++p) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t off = (p * B + r0 + r) * C;
+          const T* nr = noise + off;
+          const T* gr = gcot + off;
+          T* wr = w.data() + r * C;
+          if (C == 1) {
+            wr[0] += gr[0];
+          } else {
+            const T s = inv_norm(nr, C);
+            for (int64_t c = 0; c < C; ++c) wr[c] += gr[c] * nr[c] * s;
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* pr = prob.data() + r * C;
+        const T* wr = w.data() + r * C;
+        const T shift = static_cast<T>(static_cast<double>(glse[r0 + r]) - row_dot(wr, pr, C));
+        T* out = gz + (r0 + r) * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = pr[c] * (wr[c] + shift);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> weighted_projection_forward(const at::Tensor& logits, const at::Tensor& noise,
+                                                               bool softmax) {
+  check_args(logits, noise);
+  const int64_t P = noise.size(0), B = logits.size(0), C = logits.size(1);
+  at::Tensor cot = at::empty_like(noise);
+  at::Tensor lse = at::empty({B}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_weighted_projection_forward", [&] {
+    forward_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), noise.const_data_ptr<scalar_t>(),
+                           cot.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), P, B, C, softmax);
+  });
+  return {cot, lse};
+}
+
+at::Tensor weighted_projection_backward(const at::Tensor& grad_cot, const at::Tensor& grad_lse,
+                                        const at::Tensor& logits, const at::Tensor& noise, bool softmax) {
+  check_args(logits, noise);
+  check_input(grad_cot, "grad_cot");
+  check_input(grad_lse, "grad_lse");
+  check_same_dtype(grad_cot, logits, "grad_cot", "logits");
+  check_same_dtype(grad_lse, logits, "grad_lse", "logits");
+  TORCH_CHECK(grad_cot.sizes() == noise.sizes(), "grad_cot: expected shape ", noise.sizes(), ", got ",
+              grad_cot.sizes());
+  TORCH_CHECK(grad_lse.dim() == 1 && grad_lse.size(0) == logits.size(0), "grad_lse: expected shape [",
+              logits.size(0), "], got ", grad_lse.sizes());
+  const int64_t P = noise.size(0), B = logits.size(0), C = logits.size(1);
+  at::Tensor gz = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_weighted_projection_backward", [&] {
+    backward_impl<scalar_t>(grad_cot.const_data_ptr<scalar_t>(), grad_lse.const_data_ptr<scalar_t>(),
+                            logits.const_data_ptr<scalar_t>(), noise.const_data_ptr<scalar_t>(),
+                            gz.mutable_data_ptr<scalar_t>(), P, B, C, softmax);
+  });
+  return gz;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastland
+
+TORCH_LIBRARY_FRAGMENT(fastland, m) {
+  m.def("cpp_weighted_projection_forward(Tensor logits, Tensor noise, bool softmax) -> (Tensor, Tensor)");
+  m.def(
+      "cpp_weighted_projection_backward(Tensor grad_cot, Tensor grad_lse, Tensor logits, Tensor noise, "
+      "bool softmax) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastland, CPU, m) {
+  m.impl("cpp_weighted_projection_forward", &fastland::cpu::weighted_projection_forward);
+  m.impl("cpp_weighted_projection_backward", &fastland::cpu::weighted_projection_backward);
+}
