@@ -1,0 +1,757 @@
+"""Ahead-of-time compilation of fastland's Triton kernels for real GPUs, with no GPU present.
+
+The Triton interpreter (``TRITON_INTERPRET=1``, what the tests run on CPU) checks
+semantics only: it accepts code a real compile rejects and says nothing of
+registers, spills or memory instructions. This module compiles every Triton
+kernel of :mod:`fastland.ops` for named targets (``sm_80``, ``sm_90``) with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reads
+the cubin with the ``cuobjdump`` shipped inside the triton package:
+registers, shared memory, stack/local (spill) bytes (``-res-usage``) and the
+global loads and stores of the SASS (``-sass``), how many of them 128-bit.
+
+No second copy of the launch configurations: each compile is what an op's own
+launcher (``<op>_{forward,backward}_triton``) would launch. The launcher runs on
+``meta`` tensors of given sizes with its kernels swapped for recorders, so the
+block sizes, ``num_warps`` and constexprs come from the op's ``LAUNCH_CONFIGS``
+through the launcher's own code; the argument specialisation (16-byte pointer
+alignment, integers divisible by 16, integers equal to 1) comes from Triton's own
+binder, as at a real launch.
+
+Command line::
+
+    python -m fastland.ops.aot                 # the table, one row per compile
+    python -m fastland.ops.aot --json rows.json --markdown table.md
+    python -m fastland.ops.aot --cases bench --dtypes float32 --targets sm_90
+
+It exits non-zero, naming the kernel, configuration, dtype and target, where a
+compile fails. Under ``TRITON_INTERPRET=1`` the kernels are interpreter objects
+that cannot be compiled, so the command (and :func:`compile_report`) re-runs
+itself in a subprocess with that variable removed.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "TARGETS",
+    "DEFAULT_DTYPES",
+    "OPS",
+    "Launch",
+    "CompileJob",
+    "Row",
+    "capture_launches",
+    "plan",
+    "compile_job",
+    "compile_jobs",
+    "compile_report",
+    "parse_res_usage",
+    "count_global_accesses",
+    "markdown_table",
+    "main",
+]
+
+# compute capability of each named target
+TARGETS: Dict[str, int] = {"sm_80": 80, "sm_90": 90}
+# the dtypes compiled by default (each only where the op's TRITON_DTYPES has it)
+DEFAULT_DTYPES: Tuple[str, ...] = ("float32", "bfloat16", "float64")
+# the ops with Triton kernels: module fastland.ops.<op>, launchers <op>_{forward,backward}_triton
+OPS: Tuple[str, ...] = ("weighted_projection", "grid_combine", "grid_relative_loglik")
+KINDS: Tuple[str, ...] = ("forward", "backward")
+CASE_SETS: Tuple[str, ...] = ("sweep", "bench", "aligned")
+_INTERPRET_VAR = "TRITON_INTERPRET"
+
+
+# --------------------------------------------------------------------------- sizes and inputs
+
+
+@dataclass(frozen=True)
+class SizeCase:
+    """One launch of one op at given sizes.
+
+    ``op`` and ``kind`` name the launcher; ``sizes`` are the op's dimensions
+    (weighted_projection: B, C, P; grid_combine: N, G, D; grid_relative_loglik:
+    N, G, C); ``softmax`` is weighted_projection's weight flag; ``case`` says
+    whether the sizes come from the configuration ``sweep`` (then ``config_index``
+    is the entry of ``LAUNCH_CONFIGS[kind]`` they select), a ``bench`` size or an
+    ``aligned`` one.
+    """
+
+    op: str
+    kind: str
+    sizes: Tuple[Tuple[str, int], ...]
+    case: str
+    softmax: Optional[bool] = None
+    config_index: Optional[int] = None  # sweep cases: the LAUNCH_CONFIGS[kind] entry the sizes select
+
+    @property
+    def label(self) -> str:
+        """``"B=4096 C=10 P=8"`` (plus ``softmax``/``uniform`` for weighted_projection)."""
+        text = " ".join(f"{k}={v}" for k, v in self.sizes)
+        if self.softmax is not None:
+            text += " softmax" if self.softmax else " uniform"
+        return text
+
+
+def _meta(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``meta`` tensor (a 16-byte aligned address, as every CUDA allocation)."""
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+def _launcher_args(case: SizeCase, dtype: torch.dtype) -> Tuple[Any, ...]:
+    """The positional arguments of ``case``'s launcher, as ``meta`` tensors of ``dtype``.
+
+    Shapes: weighted_projection forward ``(logits [B, C], noise [P, B, C], softmax)``,
+    backward ``(grad_cot [P, B, C], grad_lse [B], logits [B, C], noise [P, B, C], softmax)``;
+    grid_combine forward ``(base, u, v [N, D], a, b [G])``, backward ``(grad_out [N, G, D], a, b [G])``;
+    grid_relative_loglik forward ``(logits [N, G, C], base_lse [N])``, backward
+    ``(grad_out [N, G], logits [N, G, C])``.
+    """
+    s = dict(case.sizes)
+    if case.op == "weighted_projection":
+        B, C, P = s["B"], s["C"], s["P"]
+        if case.kind == "forward":
+            return (_meta((B, C), dtype), _meta((P, B, C), dtype), case.softmax)
+        return (_meta((P, B, C), dtype), _meta((B,), dtype), _meta((B, C), dtype), _meta((P, B, C), dtype), case.softmax)
+    if case.op == "grid_combine":
+        N, G, D = s["N"], s["G"], s["D"]
+        if case.kind == "forward":
+            return (_meta((N, D), dtype),) * 3 + (_meta((G,), dtype),) * 2
+        return (_meta((N, G, D), dtype), _meta((G,), dtype), _meta((G,), dtype))
+    if case.op == "grid_relative_loglik":
+        N, G, C = s["N"], s["G"], s["C"]
+        if case.kind == "forward":
+            return (_meta((N, G, C), dtype), _meta((N,), dtype))
+        return (_meta((N, G), dtype), _meta((N, G, C), dtype))
+    raise ValueError(f"op: expected one of {OPS}, got {case.op!r}")
+
+
+def _op_module(op: str):
+    """The module ``fastland.ops.<op>`` (imported by name: the package re-exports a function of that name)."""
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+    return importlib.import_module(f"fastland.ops.{op}")
+
+
+def _config_table(op: str, kind: str) -> Tuple[Tuple[int, ...], ...]:
+    """The op's ``LAUNCH_CONFIGS[kind]`` as a tuple of configurations (a single one wrapped)."""
+    table = _op_module(op).LAUNCH_CONFIGS[kind]
+    return (tuple(table),) if isinstance(table[0], int) else tuple(tuple(c) for c in table)
+
+
+def _sweep_sizes(op: str, config: Tuple[int, ...]) -> Dict[str, int]:
+    """Sizes that make the launcher pick ``config``, all multiples of 16 (aligned rows).
+
+    For the width-keyed tables (weighted_projection, grid_relative_loglik) the
+    first field of a configuration is the widest row C it serves
+    (:func:`fastland.ops.utils.pick_config`), so ``C = config[0]`` selects it.
+    """
+    if op == "weighted_projection":
+        return {"B": 4096, "C": config[0], "P": 16}
+    if op == "grid_relative_loglik":
+        return {"N": 64, "G": 448, "C": config[0]}
+    return {"N": 16, "G": 448, "D": 4096}
+
+
+# the benchmark sizes of issue 3 (benchmarks/bench_ops.py)
+BENCH_SIZES: Dict[str, Tuple[Dict[str, int], ...]] = {
+    "weighted_projection": ({"B": 4096, "C": 10, "P": 8}, {"B": 256, "C": 1000, "P": 1}),
+    "grid_combine": ({"N": 8, "G": 441, "D": 784}, {"N": 8, "G": 441, "D": 3072}),
+    "grid_relative_loglik": ({"N": 64, "G": 441, "C": 10},),
+}
+
+
+# the memory-bound kernels' benchmark sizes rounded up to multiples of 16, where they are not
+# already: rows that allow 128-bit accesses (grid_combine's D = 784, 3072 already do)
+ALIGNED_SIZES: Dict[str, Tuple[Dict[str, int], ...]] = {
+    "weighted_projection": (),
+    "grid_combine": (),
+    "grid_relative_loglik": ({"N": 64, "G": 448, "C": 16},),
+}
+
+
+def size_cases(ops: Iterable[str] = OPS, case_sets: Iterable[str] = CASE_SETS) -> List[SizeCase]:
+    """The launches to compile: every configuration (``sweep``), the benchmark sizes (``bench``)
+    and the memory-bound kernels' benchmark sizes made 16-aligned (``aligned``).
+
+    weighted_projection runs with both weights in the sweep, with ``softmax``
+    (AMSReg) at the benchmark sizes.
+    """
+    case_sets = tuple(case_sets)
+    for name in case_sets:
+        if name not in CASE_SETS:
+            raise ValueError(f"case_sets: expected a subset of {CASE_SETS}, got {name!r}")
+    cases: List[SizeCase] = []
+    for op in ops:
+        _op_module(op)
+        for kind in KINDS:
+            if "sweep" in case_sets:
+                flags = (True, False) if op == "weighted_projection" else (None,)
+                for index, config in enumerate(_config_table(op, kind)):
+                    for flag in flags:
+                        sizes = tuple(_sweep_sizes(op, config).items())
+                        cases.append(SizeCase(op, kind, sizes, "sweep", flag, index))
+            flag = True if op == "weighted_projection" else None
+            for name, table in (("bench", BENCH_SIZES), ("aligned", ALIGNED_SIZES)):
+                if name in case_sets:
+                    cases.extend(SizeCase(op, kind, tuple(sizes.items()), name, flag) for sizes in table[op])
+    return cases
+
+
+# --------------------------------------------------------------------------- capturing launches
+
+
+@dataclass
+class Launch:
+    """One kernel launch recorded from a launcher: the kernel's name, positional and keyword arguments."""
+
+    kernel: str
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+
+
+class _Recorder:
+    """Stands in for a ``JITFunction``: ``kernel[grid](*args, **kwargs)`` records a :class:`Launch`."""
+
+    def __init__(self, name: str, sink: List[Launch]) -> None:
+        self._name = name
+        self._sink = sink
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            self._sink.append(Launch(self._name, args, dict(kwargs)))
+
+        return launch
+
+
+def _jit_kernels(module) -> Dict[str, Any]:
+    """The module's compilable kernels: ``JITFunction`` attributes named ``_*_kernel``."""
+    from triton.runtime.jit import JITFunction
+
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if name.endswith("_kernel") and isinstance(obj, JITFunction)
+    }
+
+
+def _kernel_attributes(module) -> Dict[str, Any]:
+    """The module's Triton kernels, ``_*_kernel`` attributes, compiled or interpreted."""
+    found = {n: obj for n, obj in vars(module).items() if n.startswith("_") and n.endswith("_kernel")}
+    if not found:
+        raise RuntimeError(f"{module.__name__}: no Triton kernels found (is triton installed?)")
+    return found
+
+
+def _require_compilable(module) -> None:
+    """Raise a clear error when the module's kernels are interpreter objects (``TRITON_INTERPRET=1``)."""
+    _kernel_attributes(module)
+    if not _jit_kernels(module):
+        raise RuntimeError(
+            f"{module.__name__}: the Triton kernels are interpreter objects ({_INTERPRET_VAR}=1 was set when "
+            f"fastland was imported); ahead-of-time compilation needs a process without {_INTERPRET_VAR} "
+            "(compile_report() and `python -m fastland.ops.aot` start one)"
+        )
+
+
+def capture_launches(case: SizeCase, dtype: torch.dtype) -> List[Launch]:
+    """Run ``case``'s launcher on ``meta`` tensors with its module's kernels replaced by recorders.
+
+    Returns the launches it makes (one per kernel call), nothing being run.
+    """
+    module = _op_module(case.op)
+    launcher = getattr(module, f"{case.op}_{case.kind}_triton")
+    sink: List[Launch] = []
+    kernels = _kernel_attributes(module)
+    try:
+        for name in kernels:
+            setattr(module, name, _Recorder(name, sink))
+        launcher(*_launcher_args(case, dtype))
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    if not sink:
+        raise RuntimeError(f"{case.op}_{case.kind}_triton launched no kernel at sizes {case.label}")
+    return sink
+
+
+# --------------------------------------------------------------------------- compile jobs
+
+
+@dataclass
+class CompileJob:
+    """One ahead-of-time compile: a kernel, its launch (configuration, dtype, sizes) and a target."""
+
+    op: str
+    kind: str
+    case: str
+    sizes: str
+    kernel: str
+    dtype: str
+    target: str
+    config: str
+    params: Dict[str, int]
+    specialisation: str
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any]
+    attrs: Dict[Tuple[int, ...], Any]
+    options: Dict[str, Any]
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtypes: expected torch dtype names such as 'float32', got {name!r}")
+    return dt
+
+
+def _config_label(kwargs: Dict[str, Any]) -> str:
+    """``"BLOCK_B=128 BLOCK_C=16 num_warps=4"``: the block sizes and warps of a launch (sorted)."""
+    keys = sorted(k for k in kwargs if k.startswith("BLOCK_")) + [k for k in ("num_warps", "num_stages") if k in kwargs]
+    return " ".join(f"{k}={kwargs[k]}" for k in keys)
+
+
+def _launch_params(kwargs: Dict[str, Any]) -> Dict[str, int]:
+    """The integer launch parameters: ``BLOCK_*`` sizes and ``num_warps``."""
+    return {k: int(v) for k, v in kwargs.items() if k.startswith("BLOCK_") or k == "num_warps"}
+
+
+def _specialisation_label(kernel, signature: Dict[str, str], attrs) -> str:
+    """Which integer arguments Triton specialised: ``"div16: B C; =1: P"`` (``"none"`` if none).
+
+    ``div16``: known to be a multiple of 16 (``tt.divisibility``); ``=1``: equal to 1,
+    compiled in as a constant — as the JIT does for those values at a real launch.
+    """
+    names = kernel.arg_names
+    runtime = [n for n, p in zip(names, kernel.params) if not p.is_constexpr]
+    div = {names[k[0]] for k, v in attrs.items() if ["tt.divisibility", 16] in [list(x) for x in v]}
+    div_ints = [n for n in runtime if n in div and signature[n].startswith(("i", "u"))]
+    ones = [n for n in runtime if signature[n] == "constexpr"]
+    parts = []
+    if div_ints:
+        parts.append("div16: " + " ".join(div_ints))
+    if ones:
+        parts.append("=1: " + " ".join(ones))
+    return "; ".join(parts) or "none"
+
+
+def _bind(kernel, launch: Launch, target: int):
+    """Triton's own binder on the recorded arguments: (signature, constexprs, attrs, options).
+
+    The same steps as ``JITFunction.run`` at a real launch (argument
+    specialisation included), with the backend of ``target`` instead of the
+    current device's.
+    """
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", target, 32))
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def _constexpr_names(constexprs: Dict[Any, Any], arg_names: Sequence[str]) -> Dict[str, Any]:
+    return {arg_names[k[0]] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
+
+
+def plan(
+    ops: Iterable[str] = OPS,
+    dtypes: Iterable[str] = DEFAULT_DTYPES,
+    targets: Iterable[str] = tuple(TARGETS),
+    case_sets: Iterable[str] = CASE_SETS,
+) -> List[CompileJob]:
+    """Every compile job: each size case's launches × dtype (where the op's ``TRITON_DTYPES`` has it) × target.
+
+    Needs a process where the kernels are ``JITFunction`` objects (``TRITON_INTERPRET`` unset).
+    """
+    targets = tuple(targets)
+    for t in targets:
+        if t not in TARGETS:
+            raise ValueError(f"targets: expected a subset of {tuple(TARGETS)}, got {t!r}")
+    dtype_names = tuple(dtypes)
+    jobs: List[CompileJob] = []
+    seen = set()
+    for case in size_cases(ops, case_sets):
+        module = _op_module(case.op)
+        _require_compilable(module)
+        kernels = _jit_kernels(module)
+        for dname in dtype_names:
+            dt = _dtype(dname)
+            if dt not in module.TRITON_DTYPES:
+                continue
+            for launch in capture_launches(case, dt):
+                kernel = kernels[launch.kernel]
+                for target in targets:
+                    signature, constexprs, attrs, options = _bind(kernel, launch, TARGETS[target])
+                    named = _constexpr_names(constexprs, kernel.arg_names)
+                    job = CompileJob(
+                        op=case.op,
+                        kind=case.kind,
+                        case=case.case,
+                        sizes=case.label,
+                        kernel=launch.kernel,
+                        dtype=dname,
+                        target=target,
+                        config=_config_label({**named, "num_warps": options.num_warps}),
+                        params=_launch_params({**named, "num_warps": options.num_warps}),
+                        specialisation=_specialisation_label(kernel, signature, attrs),
+                        signature=signature,
+                        constexprs=constexprs,
+                        attrs=attrs,
+                        options=dict(options.__dict__),
+                    )
+                    key = (job.case, job.sizes, job.kernel, job.dtype, job.target)
+                    if key not in seen:
+                        seen.add(key)
+                        jobs.append(job)
+    return jobs
+
+
+# --------------------------------------------------------------------------- reading the cubin
+
+
+@dataclass
+class Row:
+    """One compile's result: the job's description and the cubin's resources.
+
+    ``registers`` per thread; ``shared`` bytes per program (Triton's launch
+    request, which includes the cubin's static shared memory); ``stack`` and
+    ``local`` bytes per thread (spills land there); ``spill_instructions`` the
+    SASS's ``LDL``/``STL``; ``ldg``/``stg`` global load/store instructions and
+    ``ldg128``/``stg128`` those 128-bit wide, ``ldg_bytes``/``stg_bytes`` the
+    bytes per thread of all of them (static: each instruction once); ``params``
+    the launch's block sizes and ``num_warps``. ``error`` is set (and the numbers
+    are -1) where the compile failed.
+    """
+
+    op: str
+    kind: str
+    case: str
+    sizes: str
+    kernel: str
+    config: str
+    params: Dict[str, int]
+    specialisation: str
+    dtype: str
+    target: str
+    registers: int = -1
+    shared: int = -1
+    stack: int = -1
+    local: int = -1
+    spill_instructions: int = -1
+    ldg: int = -1
+    ldg128: int = -1
+    stg: int = -1
+    stg128: int = -1
+    ldg_bytes: int = -1
+    stg_bytes: int = -1
+    error: Optional[str] = None
+
+    @property
+    def wide_share(self) -> str:
+        """``"0% / 100%"``: the share of load / store bytes per thread moved by 128-bit instructions."""
+        def pct(n128: int, total: int) -> str:
+            return f"{100 * 16 * n128 / total:.0f}%" if total > 0 else "–"
+
+        return f"{pct(self.ldg128, self.ldg_bytes)} / {pct(self.stg128, self.stg_bytes)}"
+
+    @property
+    def spills(self) -> bool:
+        """True when the kernel touches local memory (stack frame, local bytes or LDL/STL)."""
+        return self.stack > 0 or self.local > 0 or self.spill_instructions > 0
+
+
+_RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def parse_res_usage(text: str) -> Dict[str, int]:
+    """``cuobjdump -res-usage`` output → ``{"registers", "stack", "shared", "local"}`` (summed over functions)."""
+    found = _RES_RE.findall(text)
+    if not found:
+        raise ValueError(f"cuobjdump -res-usage: no 'REG:.. STACK:.. SHARED:.. LOCAL:..' line in {text[:500]!r}")
+    regs, stack, shared, local = (max(int(f[i]) for f in found) if i == 0 else sum(int(f[i]) for f in found)
+                                  for i in range(4))
+    return {"registers": regs, "stack": stack, "shared": shared, "local": local}
+
+
+_OPCODE_RE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.MULTILINE)
+
+
+_WIDTH_BYTES = {"64": 8, "128": 16, "U16": 2, "S16": 2, "16": 2, "U8": 1, "S8": 1, "8": 1}
+
+
+def _access_bytes(modifiers: Sequence[str]) -> int:
+    """Bytes one thread moves with a load/store of these opcode modifiers (32-bit unless sized)."""
+    for m in modifiers:
+        if m in _WIDTH_BYTES:
+            return _WIDTH_BYTES[m]
+    return 4
+
+
+def count_global_accesses(sass: str) -> Dict[str, int]:
+    """Count the SASS's global loads (``LDG*``), stores (``STG*``), their 128-bit forms and local accesses.
+
+    Returns ``{"ldg", "ldg128", "stg", "stg128", "ldg_bytes", "stg_bytes",
+    "spill_instructions"}``; an opcode is 128-bit when it carries the ``.128``
+    modifier (``LDG.E.128``, ``STG.E.128``); ``*_bytes`` sum the access widths
+    (``.64`` 8 bytes, ``.U16`` 2, unsized 4) over the instructions, each once.
+    """
+    counts = {"ldg": 0, "ldg128": 0, "stg": 0, "stg128": 0, "ldg_bytes": 0, "stg_bytes": 0,
+              "spill_instructions": 0}
+    for opcode in _OPCODE_RE.findall(sass):
+        parts = opcode.split(".")
+        if parts[0] in ("LDG", "STG"):
+            key = parts[0].lower()
+            counts[key] += 1
+            counts[key + "128"] += "128" in parts[1:]
+            counts[key + "_bytes"] += _access_bytes(parts[1:])
+        elif parts[0] in ("LDL", "STL"):
+            counts["spill_instructions"] += 1
+    return counts
+
+
+def _cuobjdump(flag: str, cubin: bytes) -> str:
+    """Run the cuobjdump shipped with triton (``TRITON_CUOBJDUMP_PATH`` overrides) on a cubin."""
+    from triton import knobs
+
+    tool = knobs.nvidia.cuobjdump
+    path = tool.path if tool is not None else None
+    if not path:
+        raise RuntimeError("cuobjdump: not found in the triton package (set TRITON_CUOBJDUMP_PATH)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        done = subprocess.run([path, flag, f.name], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cuobjdump {flag} failed ({done.returncode}): {done.stderr.strip()[:500]}")
+    return done.stdout
+
+
+def sass_of(job: CompileJob) -> str:
+    """The SASS of ``job``'s cubin (compiled, or read from Triton's cache)."""
+    return _cuobjdump("-sass", _compile(job).asm["cubin"])
+
+
+def _compile(job: CompileJob):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _jit_kernels(_op_module(job.op))[job.kernel]
+    src = ASTSource(fn=kernel, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
+    return triton.compile(src, target=GPUTarget("cuda", TARGETS[job.target], 32), options=job.options)
+
+
+def compile_job(job: CompileJob) -> Row:
+    """Compile ``job`` and read its resources; a failed compile gives a row with ``error`` set."""
+    head = {k: getattr(job, k) for k in ("op", "kind", "case", "sizes", "kernel", "config", "params",
+                                          "specialisation", "dtype", "target")}
+    try:
+        compiled = _compile(job)
+        cubin = compiled.asm["cubin"]
+        res = parse_res_usage(_cuobjdump("-res-usage", cubin))
+        counts = count_global_accesses(_cuobjdump("-sass", cubin))
+    except Exception as err:  # noqa: BLE001 - reported per row, the command then fails
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        return Row(**head, error=f"{type(err).__name__}: {' | '.join(lines[-6:])[:1500]}")
+    shared = max(res["shared"], int(compiled.metadata.shared))
+    return Row(**head, registers=res["registers"], shared=shared, stack=res["stack"], local=res["local"], **counts)
+
+
+def compile_jobs(jobs: Sequence[CompileJob], workers: int = 1, progress: bool = False) -> List[Row]:
+    """Compile every job (``workers`` processes when > 1), in order; a tqdm bar when ``progress``."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="aot compile", unit="kernel", file=sys.stderr)
+    rows: List[Row] = []
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                rows.append(compile_job(job))
+                if bar is not None:
+                    bar.update()
+        else:
+            ctx = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                for row in pool.map(compile_job, jobs):
+                    rows.append(row)
+                    if bar is not None:
+                        bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+
+_COLUMNS: Tuple[Tuple[str, str], ...] = (
+    ("kernel", "kernel"),
+    ("config", "configuration"),
+    ("sizes", "sizes"),
+    ("specialisation", "int args specialised"),
+    ("dtype", "dtype"),
+    ("target", "target"),
+    ("registers", "regs"),
+    ("shared", "shared B"),
+    ("stack", "stack B"),
+    ("local", "local B"),
+    ("spill_instructions", "LDL/STL"),
+    ("ldg", "LDG"),
+    ("ldg128", "LDG.128"),
+    ("stg", "STG"),
+    ("stg128", "STG.128"),
+    ("wide_share", "128-bit share of ld / st bytes"),
+)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The rows as a Markdown table (failed compiles show their error in the last column)."""
+    head = [title for _, title in _COLUMNS] + ["error"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [str(getattr(r, key)) for key, _ in _COLUMNS]
+        cells[0] = f"`{cells[0]}`"
+        cells.append((r.error or "").replace("|", "\\|"))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".aot-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _failure_message(rows: Sequence[Row]) -> str:
+    bad = [r for r in rows if r.error]
+    lines = [f"{len(bad)} of {len(rows)} ahead-of-time compiles failed:"]
+    for r in bad:
+        lines.append(f"  {r.kernel} [{r.config}] {r.dtype} {r.target} at {r.sizes}: {r.error}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _kernels_interpreted() -> bool:
+    """True when fastland's kernels were defined under ``TRITON_INTERPRET=1`` (no JITFunction to compile)."""
+    return not _jit_kernels(_op_module(OPS[0]))
+
+
+def _cli_args(ops, dtypes, targets, case_sets, workers) -> List[str]:
+    return ["--ops", *ops, "--dtypes", *dtypes, "--targets", *targets, "--cases", *case_sets,
+            "--workers", str(workers)]
+
+
+def compile_report(
+    ops: Iterable[str] = OPS,
+    dtypes: Iterable[str] = DEFAULT_DTYPES,
+    targets: Iterable[str] = tuple(TARGETS),
+    case_sets: Iterable[str] = CASE_SETS,
+    workers: int = 1,
+    progress: bool = False,
+    timeout: Optional[float] = None,
+) -> List[Row]:
+    """Plan and compile; rows in plan order. Failed compiles are rows with ``error`` set.
+
+    When this process's kernels are interpreter objects (``TRITON_INTERPRET=1``,
+    as under the test suite), runs ``python -m fastland.ops.aot --json`` in a
+    subprocess without that variable and reads its rows back.
+    """
+    ops, dtypes, targets, case_sets = tuple(ops), tuple(dtypes), tuple(targets), tuple(case_sets)
+    if not _kernels_interpreted():
+        return compile_jobs(plan(ops, dtypes, targets, case_sets), workers=workers, progress=progress)
+    env = {k: v for k, v in os.environ.items() if k != _INTERPRET_VAR}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, "-m", "fastland.ops.aot", "--json", out, "--quiet", "--keep-going",
+               *_cli_args(ops, dtypes, targets, case_sets, workers)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(
+                f"`{' '.join(cmd[1:])}` failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            )
+        with open(out) as f:
+            return [Row(**r) for r in json.load(f)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastland.ops.aot",
+        description="Compile fastland's Triton kernels ahead of time for sm_80/sm_90 (no GPU needed) and "
+        "report registers, shared and local (spill) memory and global memory instructions per compile.",
+    )
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="ops to compile (default: all)")
+    p.add_argument("--dtypes", nargs="+", default=list(DEFAULT_DTYPES),
+                   help="torch dtype names (default: %(default)s; each where the op's kernels take it)")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=tuple(TARGETS))
+    p.add_argument("--cases", nargs="+", default=list(CASE_SETS), choices=CASE_SETS,
+                   help="sweep: every launch configuration at aligned sizes; bench: the benchmark sizes; "
+                   "aligned: memory-bound benchmark sizes rounded up to multiples of 16")
+    p.add_argument("--workers", type=int, default=1, help="compile processes (default 1)")
+    p.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-' for stdout)")
+    p.add_argument("--markdown", metavar="PATH", help="write the rows as a Markdown table ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    p.add_argument("--keep-going", action="store_true", help="exit 0 even when compiles fail (rows carry errors)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit status (1 when a compile failed, unless ``--keep-going``)."""
+    args = _parser().parse_args(argv)
+    if _kernels_interpreted():  # re-run without the interpreter: its kernels cannot be compiled
+        env = {k: v for k, v in os.environ.items() if k != _INTERPRET_VAR}
+        argv = list(sys.argv[1:] if argv is None else argv)
+        return subprocess.run([sys.executable, "-m", "fastland.ops.aot", *argv], env=env).returncode
+    for name in args.dtypes:
+        _dtype(name)
+    jobs = plan(args.ops, args.dtypes, args.targets, args.cases)
+    rows = compile_jobs(jobs, workers=args.workers, progress=not args.quiet)
+    table = markdown_table(rows)
+    if args.json:
+        text = json.dumps([dataclasses.asdict(r) for r in rows], indent=1)
+        print(text) if args.json == "-" else _write_atomic(args.json, text)
+    if args.markdown:
+        print(table) if args.markdown == "-" else _write_atomic(args.markdown, table)
+    if not args.quiet and not args.json == "-" and not args.markdown == "-":
+        print(table)
+    if any(r.error for r in rows):
+        print(_failure_message(rows), file=sys.stderr)
+        return 0 if args.keep_going else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
