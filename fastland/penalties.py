@@ -198,7 +198,7 @@ def _use_batched(device: torch.device, batched: Optional[bool]) -> bool:
     return device.type == "cuda"
 
 
-def vjp_sqnorms(
+def _vjp_sqnorms(
     logits: Tensor, inputs: Tensor, cotangents: Tensor, *, batched: Optional[bool] = None
 ) -> Tensor:
     """``Σ_p ‖cotangents[p]ᵀ J‖²`` per sample, differentiable (double backward).
@@ -257,7 +257,7 @@ def _projection_penalty(
         else:
             noise, scale = unit_sphere_noise(n_proj, z, generator), C / n_proj
         cot, _ = ops.weighted_projection(z, noise, weight)
-        return vjp_sqnorms(z, inputs, cot, batched=batched) * scale
+        return _vjp_sqnorms(z, inputs, cot, batched=batched) * scale
 
 
 def _gradnorm_penalty(logits: Tensor, inputs: Tensor) -> Tensor:

@@ -95,10 +95,11 @@ def test_exact_and_gradnorm_equal_full_jacobian(name: str, batched: bool) -> Non
     torch.testing.assert_close(jac, J.pow(2).sum((1, 2)), **tol)
     gn = amsreg_loss(logits, x, estimator="gradnorm", reduction="none")
     torch.testing.assert_close(gn, gradnorm_from_jacobian(z, J), **tol)
-    # the default reduction is the batch mean
+    # the default reduction is the batch mean; "sum" sums
     torch.testing.assert_close(
         amsreg_loss(logits, x, estimator="exact", batched=batched), ams.mean(), **tol
     )
+    torch.testing.assert_close(jacobian_loss(logits, x, estimator="exact", reduction="sum"), jac.sum(), **tol)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -500,8 +501,9 @@ def test_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match="inputs: .*requires_grad=False"):
         amsreg_loss(model(x.detach()), x.detach())
     other = x.detach().clone().requires_grad_(True)
-    with pytest.raises(ValueError, match="inputs: .*graph of logits"):
-        amsreg_loss(logits, other)
+    for batched in (False, True):
+        with pytest.raises(ValueError, match="inputs: .*graph of logits"):
+            amsreg_loss(logits, other, n_proj=2, batched=batched)
     with pytest.raises(ValueError, match="inputs: .*graph of logits"):
         amsreg_loss(logits, other, estimator="finite_difference", model=model)
     with pytest.raises(ValueError, match="logits: expected 2 dimensions"):
