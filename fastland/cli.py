@@ -30,16 +30,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(s: str) -> int:
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
     if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
     return v
 
 
 def _nonneg_float(s: str) -> float:
-    v = float(s)
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
     if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
     return v
 
 
@@ -54,7 +60,7 @@ def _fraction(s: str) -> float:
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {s!r}") from None
     if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
     return v
 
 
@@ -113,14 +119,16 @@ def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model with a defence", formatter_class=_FMT,
                        description="Train MODEL on DATASET with DEFENCE; a checkpoint every epoch, "
                                    "--resume continues it. Under torchrun: DDP.")
-    p.add_argument("--model", choices=("lenet", "ddnet", "resnet18"), default="lenet")
-    p.add_argument("--dataset", choices=("fmnist", "cifar10", "synthetic"), default="fmnist")
-    p.add_argument("--defence", choices=DEFENCES, default="none")
-    p.add_argument("--epochs", type=_positive_int, default=200)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--model", choices=("lenet", "ddnet", "resnet18"), default="lenet", help="architecture")
+    p.add_argument("--dataset", choices=("fmnist", "cifar10", "synthetic"), default="fmnist",
+                   help="data set (synthetic: a small random one, for tests)")
+    p.add_argument("--defence", choices=DEFENCES, default="none",
+                   help="none, at (PGD-k adversarial training), jacobian or amsreg")
+    p.add_argument("--epochs", type=_positive_int, default=200, help="epochs (lr ÷10 after 50%% and 75%%)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (per process under torchrun)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.01 LeNet/DDNet, 0.1 ResNet-18)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=5e-4, help="SGD weight decay")
     p.add_argument("--lam", type=_nonneg_float, default=None,
                    help="λ of CE + λ/2·penalty (default: the paper's; F-MNIST 0.01 Jacobian, 0.5 AMSReg; "
                         "CIFAR-10 0.05, 1.0)")
@@ -129,8 +137,8 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--n-proj", type=_positive_int, default=1, help="random projections per sample")
     p.add_argument("--at-eps", type=_fraction, default=None, help="ε of adversarial training (default: 10/255 F-MNIST, 3/255 CIFAR-10)")
     p.add_argument("--at-alpha", type=_fraction, default=None, help="PGD step of adversarial training (default: 2.5·ε/steps)")
-    p.add_argument("--at-steps", type=_positive_int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--at-steps", type=_positive_int, default=10, help="PGD steps of adversarial training")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
     p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset of this size")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<defence>)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -200,7 +208,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _flatness_parser(sub: Any) -> None:
     p = sub.add_parser("flatness", help="Φ of a trained run on test examples, as JSON", formatter_class=_FMT)
     p.add_argument("run", help="run folder written by `fastland train`")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the subset and the directions")
     p.add_argument("--n-phi", type=_positive_int, default=500, help="test examples")
     p.add_argument("--phi-dirs", type=_positive_int, default=None, help="direction pairs per example (None: fastland.flatness's default)")
     p.add_argument("--phi-span", type=_fraction, default=None, help="grid half-width, pixel units (None: fastland.flatness's default)")
@@ -228,10 +236,11 @@ def _landscape_parser(sub: Any) -> None:
                        formatter_class=_FMT)
     p.add_argument("runs", nargs="+", help="run folders written by `fastland train` (one panel each)")
     p.add_argument("--index", type=int, default=0, help="test example to centre the landscape on")
-    p.add_argument("--directions", choices=("rademacher", "gaussian", "fgsm"), default="rademacher")
+    p.add_argument("--directions", choices=("rademacher", "gaussian", "fgsm"), default="rademacher",
+                   help="random signed, Gaussian orthonormal, or FGSM + random directions")
     p.add_argument("--span", type=_fraction, default=None, help="grid half-width, pixel units (None: fastland.landscape's default)")
     p.add_argument("--grid-steps", type=_positive_int, default=None, help="grid points per axis (None: fastland.landscape's default)")
-    p.add_argument("--kind", choices=("contour", "surface"), default="contour")
+    p.add_argument("--kind", choices=("contour", "surface"), default="surface", help="3D surface (the paper's) or contour map")
     p.add_argument("--seed", type=int, default=0, help="seeds the random directions")
     p.add_argument("--out", default="landscape.png", help="figure path (a .pdf is written beside it)")
     _add_data_options(p)
@@ -266,12 +275,12 @@ def _reproduce_parser(sub: Any) -> None:
                                    "results.md/results.csv (ours beside the paper's) and Figs. 1-5. Rerunning skips "
                                    "finished models and resumes unfinished ones.")
     p.add_argument("setting", choices=sorted(CONFIGS), help="data set and architecture")
-    p.add_argument("--epochs", type=_positive_int, default=200)
-    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/<setting>)")
+    p.add_argument("--epochs", type=_positive_int, default=200, help="epochs per model (the paper: 200)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/<setting>-<epochs>ep)")
     p.add_argument("--defences", default="none,at,jacobian,amsreg", help="comma-separated subset to train")
     p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset of this size")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="training batch size")
+    p.add_argument("--seed", type=int, default=0, help="seeds training and evaluation")
     p.add_argument("--sweep", action="store_true",
                    help="also train AT and Jacobian models of increasing strength (Figs. 2 and 4)")
     p.add_argument("--no-figures", action="store_true", help="tables only (a later run without it draws them)")
@@ -285,7 +294,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import CONFIGS, reproduce
 
     defences = tuple(d.strip() for d in args.defences.split(",") if d.strip())
-    out = args.out or f"runs/reproduce/{args.setting}"
+    out = args.out or f"runs/reproduce/{args.setting}-{args.epochs}ep"
     s = _eval_settings(args, CONFIGS[args.setting].dataset, args.seed)
     report = reproduce(args.setting, out, epochs=args.epochs, defences=defences, eval_settings=s,
                        train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, sweep=args.sweep,
@@ -300,11 +309,11 @@ def _demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="Fashion-MNIST demo: LeNet-5 without defence vs AMSReg (runs/demo/report.md)",
                        formatter_class=_FMT)
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--epochs", type=_positive_int, default=3)
+    p.add_argument("--epochs", type=_positive_int, default=3, help="epochs per model")
     p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset (None: all 60 000)")
     p.add_argument("--n-eval", type=_positive_int, default=1000, help="test examples for clean and PGD accuracy")
     p.add_argument("--n-phi", type=_positive_int, default=100, help="test examples for Φ")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds training and evaluation")
     _add_data_options(p)
     _add_run_options(p)
     p.set_defaults(func=_cmd_demo)

@@ -299,7 +299,19 @@ def landscape_figure(models: Dict[str, nn.Module], x: Tensor, y: Tensor, path: s
         dev = next(m.parameters()).device
         gen = torch.Generator(device=dev).manual_seed(seed)  # the same random directions for every model
         lands[name] = landscape(m, x.to(dev), y=y.to(dev), generator=gen, **kw)
-    return plot.save(plot.landscapes(lands, kind=kind, title=title), path)
+    fig = plot.plot_landscapes(lands, kind=kind)
+    return _save(fig, path, title)
+
+
+def _save(fig: Any, path: str | Path, title: Optional[str] = None) -> List[Path]:
+    """Write ``fig`` as ``path`` with a ``.png`` and a ``.pdf`` suffix; returns both paths."""
+    from .plot import save_figure
+
+    if title:
+        fig.suptitle(title)
+    paths = [Path(path).with_suffix(".png"), Path(path).with_suffix(".pdf")]
+    save_figure(fig, paths)
+    return paths
 
 
 def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
@@ -327,9 +339,13 @@ def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
         dev = next(m.parameters()).device
         gen = torch.Generator(device=dev).manual_seed(0)
         hists[label] = loglik_histogram(m, x[:1000].to(dev), generator=gen, progress=False)
-    paths += [str(p) for p in plot.save(plot.histograms(hists), out / "fig3_histograms.png")]
-    points = {s.label: (results[s.name]["phi"], results[s.name]["pgd_acc"]) for s in specs}
-    paths += [str(p) for p in plot.save(plot.flatness_vs_robustness(points), out / "fig4_flatness_vs_robustness.png")]
+    paths += [str(p) for p in _save(plot.plot_loglik_histograms(hists), out / "fig3_histograms.png",
+                                    "Fig. 3: log p of clean and randomly perturbed test images")]
+    pts = sorted((results[s.name]["phi"], results[s.name]["pgd_acc"], s.label) for s in specs)
+    fig4 = plot.plot_flatness_vs_accuracy([p[0] for p in pts], [p[1] for p in pts], labels=[p[2] for p in pts],
+                                          title="Fig. 4: flatness Φ vs PGD accuracy",
+                                          ylabel="PGD accuracy (%)")
+    paths += [str(p) for p in _save(fig4, out / "fig4_flatness_vs_robustness.png")]
     paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig5_fgsm_landscapes.png", directions="fgsm",
                                                title="Fig. 5: Δlog p along the FGSM direction and a random one")]
     return [p for p in paths if p.endswith(".png")]
