@@ -5,12 +5,16 @@ Groups (each with one baseline; ratios are time ÷ baseline):
 * ``landscape-lenet``: LeNet-5 (Fashion-MNIST shape 1×28×28), 16 samples,
   41×41 grid = 26 896 points: the model's own batched forward over the same
   (precomputed) points [baseline], ``fastland.landscape`` without and with
-  first-layer fusion, and the per-point loop (``reference.landscape_ref``).
+  first-layer fusion.
 * ``landscape-ddnet``: DDNet (CIFAR-10 shape 3×32×32), 2 samples, 41×41 grid
   = 3 362 points, the same rows.
+* ``landscape-{lenet,ddnet}-loop``: one sample, 41×41 grid: the per-point
+  loop (``reference.landscape_ref``) [baseline] against ``fastland.landscape``
+  (a per-point loop over 16 samples would take over ten minutes here).
 * ``flatness-lenet`` / ``flatness-ddnet``: ``fastland.flatness`` (one
-  direction pair, 11×11 grid) against a batched forward+backward (input
-  gradients of log p) over the same precomputed points [baseline].
+  direction pair, 11×11 grid; unfused and fused) against a batched
+  forward+backward (input gradients of log p) over the same precomputed
+  points [baseline].
 
 Run::
 
@@ -19,7 +23,7 @@ Run::
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -39,9 +43,10 @@ CASES: Dict[str, Tuple[str, str, int]] = {  # name -> (model, dataset, samples)
 }
 
 
-def _setup(case: str, steps: int):
+def _setup(case: str, steps: int, n_samples: Optional[int] = None):
     """Model (eval), inputs [N, *S], directions, grid, and all grid points [N·G, *S]."""
     name, dataset, n = CASES[case]
+    n = n_samples or n
     torch.manual_seed(0)
     model = create(name, dataset).eval()
     shape = model.input_shape
@@ -83,7 +88,7 @@ def _batched_forward_backward(model: nn.Module, points: Tensor, per_call: int) -
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("row", ["batched_forward", "landscape_unfused", "landscape_fused", "per_point_loop"])
+@pytest.mark.parametrize("row", ["batched_forward", "landscape_unfused", "landscape_fused"])
 def test_landscape(benchmark, case, row):
     benchmark.group = f"landscape-{case}"
     model, x, d1, d2, grid, points = _setup(case, STEPS)
@@ -92,8 +97,6 @@ def test_landscape(benchmark, case, row):
     benchmark.extra_info["points_per_call"] = per_call
     if row == "batched_forward":
         _run(benchmark, lambda: _batched_forward(model, points, per_call), 2, baseline=True, points=n_points)
-    elif row == "per_point_loop":
-        _run(benchmark, lambda: reference.landscape_ref(model, x, d1, d2, grid, grid), 1, points=n_points)
     else:
         fuse = row == "landscape_fused"
         out = _run(benchmark, lambda: landscape(model, x, directions=(d1, d2), span=SPAN, steps=STEPS,
@@ -101,11 +104,26 @@ def test_landscape(benchmark, case, row):
         assert out.meta["fused"] == fuse
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("row", ["per_point_loop", "landscape_fused"])
+def test_landscape_vs_loop(benchmark, case, row):
+    """One sample (41×41 = 1 681 points): a single-sample forward costs milliseconds here."""
+    benchmark.group = f"landscape-{case}-loop"
+    model, x, d1, d2, grid, points = _setup(case, STEPS, n_samples=1)
+    n_points = points.shape[0]
+    if row == "per_point_loop":
+        _run(benchmark, lambda: reference.landscape_ref(model, x, d1, d2, grid, grid), 1, baseline=True,
+             points=n_points)
+    else:
+        _run(benchmark, lambda: landscape(model, x, directions=(d1, d2), span=SPAN, steps=STEPS,
+                                          progress=False), 2, points=n_points)
+
+
 # --------------------------------------------------------------------------- flatness
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("row", ["batched_forward_backward", "flatness"])
+@pytest.mark.parametrize("row", ["batched_forward_backward", "flatness_unfused", "flatness_fused"])
 def test_flatness(benchmark, case, row):
     benchmark.group = f"flatness-{case}"
     model, x, d1, d2, grid, points = _setup(case, FLAT_STEPS)
@@ -116,5 +134,7 @@ def test_flatness(benchmark, case, row):
         _run(benchmark, lambda: _batched_forward_backward(model, points, per_call), 2, baseline=True,
              points=n_points)
     else:
+        fuse = row == "flatness_fused"
         _run(benchmark, lambda: flatness(model, x, n_dirs=1, span=SPAN, steps=FLAT_STEPS, progress=False,
-                                         generator=torch.Generator().manual_seed(1)), 2, points=n_points)
+                                         fuse_first_layer=fuse, generator=torch.Generator().manual_seed(1)),
+             2, points=n_points)

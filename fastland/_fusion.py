@@ -24,7 +24,7 @@ Because a subclass may override ``forward``, callers verify the split against
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,35 @@ class FirstLayerSplit:
             d = _linear_part(m, d)
         return d
 
+    def transposable(self) -> bool:
+        """True when :meth:`linear_transpose` knows every leading module (zero-padded convs only)."""
+        return all(_transpose_known(m) for m in self.lead)
+
+    def linear_transpose(self, g: Tensor, sample_shape: Sequence[int]) -> Tensor:
+        """``L₀ᵀ g``, the adjoint of :meth:`linear` (the input gradient through ``L``).
+
+        Args:
+            g: ``[B, *H]``, a gradient w.r.t. ``L``'s output.
+            sample_shape: ``S``, the per-sample input shape.
+        Returns:
+            ``[B, *S]``.
+        """
+        shapes = self._input_shapes(tuple(sample_shape), g.dtype, g.device)
+        for m, shape in zip(reversed(self.lead), reversed(shapes)):
+            g = _transpose_part(m, g, (g.shape[0], *shape))
+        return g
+
+    def _input_shapes(self, sample_shape: Tuple[int, ...], dtype: torch.dtype,
+                      device: torch.device) -> List[Tuple[int, ...]]:
+        """Per-sample input shape of each leading module (one probe of one sample)."""
+        shapes = []
+        d = torch.zeros((1, *sample_shape), dtype=dtype, device=device)
+        with torch.no_grad():
+            for m in self.lead:
+                shapes.append(tuple(d.shape[1:]))
+                d = _linear_part(m, d)
+        return shapes
+
 
 def _is_normalize(m: nn.Module) -> bool:
     """A per-channel ``(x - mean) / std`` module (fastland.models.Normalize or alike)."""
@@ -96,6 +125,31 @@ def _linear_part(m: nn.Module, d: Tensor) -> Tensor:
             scale = scale * m.weight
         return d * scale.view(_channel_shape(d))
     raise TypeError(f"no linear part known for {type(m).__name__}")  # pragma: no cover
+
+
+def _transpose_known(m: nn.Module) -> bool:
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    return True
+
+
+_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+
+
+def _transpose_part(m: nn.Module, g: Tensor, in_shape: Tuple[int, ...]) -> Tensor:
+    """The adjoint of :func:`_linear_part` for module ``m``: ``g`` -> gradient w.r.t. its input ``in_shape``."""
+    if _is_normalize(m):
+        return g / m.std  # type: ignore[operator]
+    if isinstance(m, _RESHAPE):
+        return g.reshape(in_shape)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        grad = _CONV_INPUT_GRAD[m.weight.dim() - 2]
+        return grad(in_shape, m.weight, g, m.stride, m.padding, m.dilation, m.groups)
+    if isinstance(m, nn.Linear):
+        return g @ m.weight
+    if _is_eval_batchnorm(m):
+        return _linear_part(m, g)  # a diagonal map is its own adjoint
+    raise TypeError(f"no adjoint known for {type(m).__name__}")  # pragma: no cover
 
 
 def _split_sequence(modules: Sequence[nn.Module]) -> Optional[int]:

@@ -504,9 +504,24 @@ class Flatness:
     def from_phi(cls, phi: Tensor, meta: Dict[str, Any]) -> "Flatness":
         """Summary statistics of ``phi`` ``[N]``."""
         n = phi.shape[0]
+        phi = phi.detach()
         mean = float(phi.double().mean())
         stderr = float(phi.double().std() / math.sqrt(n)) if n > 1 else float("nan")
         return cls(phi, mean, stderr, meta)
+
+
+def _fused_ams_scores(split: FirstLayerSplit, h: Tensor, sample_shape: Tuple[int, ...]) -> Tensor:
+    """AMS scores of the points whose first-layer outputs are ``h`` ``[B, *H]``: ``[B]``.
+
+    ``∇x log p = L₀ᵀ ∇h log p``: autograd through the rest of the model, then
+    the first layer's adjoint (the same input-gradient kernel autograd would run).
+    """
+    with torch.enable_grad():
+        hg = h.detach().requires_grad_(True)
+        lse = torch.logsumexp(split.rest(hg), dim=-1)
+        (gh,) = torch.autograd.grad(lse.sum(), hg)
+    with torch.no_grad():
+        return -split.linear_transpose(gh, sample_shape).flatten(1).norm(dim=1)
 
 
 def flatness_values(
@@ -519,9 +534,14 @@ def flatness_values(
     *,
     reduction: str = "sum",
     batch_size: Union[int, str] = "auto",
+    fuse_first_layer: Union[bool, str] = "auto",
     progress: bool = False,
 ) -> Tensor:
     """The flatness kernel: no argument checks, model already in eval mode.
+
+    With first-layer fusion the grid is formed after the first layer and the
+    input gradient is ``L₀ᵀ ∇h log p`` (the first layer's forward runs 3 times
+    per sample instead of once per point).
 
     Args:
         x: ``[N, *S]``; d1, d2: ``[n, N, *S]``; alphas ``[Sa]``; betas ``[Sb]``.
@@ -534,14 +554,30 @@ def flatness_values(
     base = x.unsqueeze(0).expand_as(d1).reshape(n * N, *x.shape[1:])
     u, v = d1.reshape(base.shape), d2.reshape(base.shape)
     per_call = resolve_batch_size(batch_size, model, x[:1], backward=True)
+    with torch.no_grad():
+        split = _fusion_split(model, x[:8], fuse_first_layer)
+    if split is not None and not split.transposable():
+        if fuse_first_layer is True:
+            raise ValueError("fuse_first_layer: True needs zero-padded convolutions for flatness "
+                             "(the adjoint of the first layer); use 'auto' or False")
+        split = None
     totals = torch.zeros(n * N, dtype=torch.float64, device=x.device)
     bar = progress_bar(n * N * G, "flatness", progress, unit="pt")
-    for i0, i1, g0, g1 in _chunks(n * N, G, per_call):
+    for i0, i1 in _sample_blocks(n * N, G, per_call):
         with torch.no_grad():
-            pts = ops.grid_combine(base[i0:i1], u[i0:i1], v[i0:i1], a[g0:g1], b[g0:g1])
-        s = ams_score_batch(model, pts.flatten(0, 1)).view(i1 - i0, g1 - g0)
-        totals[i0:i1] += s.sum(dim=1, dtype=torch.float64)
-        bar.update((i1 - i0) * (g1 - g0))
+            if split is not None:
+                h0, hu, hv = split.affine(base[i0:i1]), split.linear(u[i0:i1]), split.linear(v[i0:i1])
+            else:
+                h0, hu, hv = base[i0:i1], u[i0:i1], v[i0:i1]
+        for j0, j1, g0, g1 in _chunks(i1 - i0, G, per_call):
+            with torch.no_grad():
+                pts = ops.grid_combine(h0[j0:j1], hu[j0:j1], hv[j0:j1], a[g0:g1], b[g0:g1]).flatten(0, 1)
+            if split is not None:
+                s = _fused_ams_scores(split, pts, x.shape[1:])
+            else:
+                s = ams_score_batch(model, pts)
+            totals[i0 + j0 : i0 + j1] += s.view(j1 - j0, g1 - g0).sum(dim=1, dtype=torch.float64)
+            bar.update((j1 - j0) * (g1 - g0))
     bar.close()
     phi = totals.view(n, N).mean(dim=0)
     if reduction == "mean":
@@ -560,6 +596,7 @@ def flatness(
     reduction: str = "sum",
     directions: str = "rademacher",
     batch_size: Union[int, str] = "auto",
+    fuse_first_layer: Union[bool, str] = "auto",
     generator: Optional[torch.Generator] = None,
     progress: bool = True,
     checkpoint: Optional[Union[str, Path]] = None,
@@ -585,6 +622,7 @@ def flatness(
         reduction: ``"sum"`` (the paper's) or ``"mean"``.
         directions: ``"rademacher"``, ``"gaussian"`` or ``"fgsm"``.
         batch_size: grid points per forward+backward, or ``"auto"``.
+        fuse_first_layer: as in :func:`landscape` (needs zero-padded convolutions).
         generator, progress, checkpoint, seed, limit, chunk_samples, save_interval: as in :func:`landscape`.
     Returns:
         :class:`Flatness` with ``phi [N]``, ``mean`` (Φ) and ``stderr``.
@@ -595,6 +633,7 @@ def flatness(
         raise ValueError(f"n_dirs: expected an integer >= 1, got {n_dirs!r}")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction: expected 'sum' or 'mean', got {reduction!r}")
+    _check_fuse(fuse_first_layer)
     if not isinstance(directions, str) or directions not in DIRECTION_KINDS:
         raise ValueError(f"directions: expected one of {DIRECTION_KINDS}, got {directions!r}")
     meta = {"n_dirs": n_dirs, "span": float(span), "steps": steps, "reduction": reduction,
@@ -604,7 +643,8 @@ def flatness(
             raise ValueError("generator: not used for data sets; pass seed= (directions of sample i come from (seed, i))")
         phi = _flatness_dataset(
             model, x, n_dirs=n_dirs, span=span, steps=steps, reduction=reduction,
-            directions=directions, batch_size=batch_size, progress=progress, checkpoint=checkpoint,
+            directions=directions, batch_size=batch_size, fuse_first_layer=fuse_first_layer,
+            progress=progress, checkpoint=checkpoint,
             seed=seed, limit=limit, chunk_samples=chunk_samples, save_interval=save_interval,
         )
         return Flatness.from_phi(phi, meta)
@@ -612,8 +652,8 @@ def flatness(
     grid = grid_coordinates(span, steps, dtype=x.dtype, device=x.device)
     with eval_mode(model):
         d1, d2 = _draw_pairs(model, x, y, directions, n_dirs, generator)
-        phi = flatness_values(model, x, d1, d2, grid, grid, reduction=reduction,
-                              batch_size=batch_size, progress=progress)
+        phi = flatness_values(model, x, d1, d2, grid, grid, reduction=reduction, batch_size=batch_size,
+                              fuse_first_layer=fuse_first_layer, progress=progress)
     return Flatness.from_phi(phi, meta)
 
 
@@ -670,7 +710,7 @@ def _landscape_dataset(
 
 def _flatness_dataset(
     model: nn.Module, data: DataLike, *, n_dirs: int, span: float, steps: int, reduction: str,
-    directions: str, batch_size: Union[int, str], progress: bool,
+    directions: str, batch_size: Union[int, str], fuse_first_layer: Union[bool, str], progress: bool,
     checkpoint: Optional[Union[str, Path]], seed: int, limit: Optional[int], chunk_samples: int,
     save_interval: float,
 ) -> Tensor:
@@ -682,7 +722,7 @@ def _flatness_dataset(
         _check_inputs(x)
         d1, d2 = _per_sample_pairs(model, x, y, idx, directions, n_dirs, seed)
         return {"phi": flatness_values(model, x, d1, d2, grid, grid, reduction=reduction,
-                                       batch_size=batch_size)}
+                                       batch_size=batch_size, fuse_first_layer=fuse_first_layer)}
 
     config = {"task": "flatness", "directions": directions, "span": float(span), "steps": steps,
               "n_dirs": n_dirs, "reduction": reduction, "seed": seed}

@@ -101,11 +101,13 @@ def _models():
         ("classifier", Classifier(), (3, 5, 7)),
         ("scaled", ScaledClassifier(), (3, 5, 7)),
         ("unrecognised", Unrecognised(), (1, 4, 5)),
+        ("strided", nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Softplus(), nn.Flatten(),
+                                  nn.Linear(3 * 4 * 3, 3)), (2, 7, 5)),
     ]
 
 
 MODELS = _models()
-FUSABLE = {"mlp", "cnn", "bn_cnn", "classifier"}
+FUSABLE = {"mlp", "cnn", "bn_cnn", "classifier", "strided"}
 
 
 def _model(name: str) -> nn.Module:
@@ -258,6 +260,16 @@ def test_fuse_true_on_unfusable_model_raises():
     x = torch.rand(2, 3, 5, 7, dtype=torch.float64)
     with pytest.raises(ValueError, match="fuse_first_layer"):
         landscape(_model("scaled"), x, steps=3, fuse_first_layer=True, progress=False)
+    with pytest.raises(ValueError, match="fuse_first_layer"):
+        flatness(_model("scaled"), x, steps=3, fuse_first_layer=True, progress=False)
+    reflect = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                            nn.Linear(70, 2)).double().eval()
+    # reflect padding is linear: fused landscapes are exact; flatness lacks its adjoint
+    ls = landscape(reflect, x, steps=3, span=0.1, fuse_first_layer=True, progress=False)
+    ref = reference.landscape_ref(reflect, x, ls.d1, ls.d2, ls.alphas, ls.betas)
+    torch.testing.assert_close(ls.values, ref, **TOL64)
+    with pytest.raises(ValueError, match="zero-padded"):
+        flatness(reflect, x, steps=3, fuse_first_layer=True, progress=False)
 
 
 def test_top_level_names():
@@ -306,19 +318,20 @@ def test_errors_name_the_argument():
 # --------------------------------------------------------------------------- flatness
 
 
-@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "classifier"])
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_flatness_equals_reference(name, reduction):
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "classifier", "strided", "scaled"])
+@pytest.mark.parametrize("reduction,fuse", [("sum", "auto"), ("mean", False)])
+def test_flatness_equals_reference(name, reduction, fuse):
     model = _model(name)
     x = torch.rand(3, *_shape(name), dtype=torch.float64)
     grid = grid_coordinates(0.1, 3, dtype=torch.float64)
     d1, d2 = directions(x.repeat(2, *[1] * (x.dim() - 1)), generator=torch.Generator().manual_seed(4))
     d1, d2 = d1.view(2, *x.shape), d2.view(2, *x.shape)
-    phi = flatness_values(model, x, d1, d2, grid, grid, reduction=reduction, batch_size=5)
+    phi = flatness_values(model, x, d1, d2, grid, grid, reduction=reduction, batch_size=5,
+                          fuse_first_layer=fuse)
     ref = reference.flatness_ref(model, x, d1, d2, grid, grid, reduction=reduction)
     torch.testing.assert_close(phi, ref, **TOL64)
     # the public function draws its n pairs as directions(x repeated n times)
-    out = flatness(model, x, n_dirs=2, span=0.1, steps=3, reduction=reduction,
+    out = flatness(model, x, n_dirs=2, span=0.1, steps=3, reduction=reduction, fuse_first_layer=fuse,
                    generator=torch.Generator().manual_seed(4), progress=False)
     torch.testing.assert_close(out.phi, ref, **TOL64)
     assert out.mean == pytest.approx(ref.mean().item(), rel=1e-12)
