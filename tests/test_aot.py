@@ -110,7 +110,9 @@ def test_rows_of_ten_logits_cannot_use_128_bit_accesses(rows):
     assert len(mine) == 2 * len(TARGETS)
     for r in mine:
         assert r.ldg128 == 0 and r.stg128 == 0, r
-        assert r.ldg_bytes == 4 * r.ldg, r  # every load 32-bit
+        threads = THREADS_PER_WARP * r.params["num_warps"]
+        # one 32-bit load per logit: each thread issues BLOCK_R·BLOCK_C / threads of them
+        assert r.ldg >= r.params["BLOCK_R"] * r.params["BLOCK_C"] // threads, r
 
 
 def test_specialisation_is_the_jits(rows):
@@ -169,6 +171,30 @@ def test_capture_runs_the_launcher_on_meta_tensors_and_restores_the_kernels():
     assert tensors[-1].shape == (3, 5, 7)  # the output the launcher allocated
     assert launch.args[-2:] == (5, 7)  # G, D
     assert all(aot._kernel_attributes(module)[k] is v for k, v in before.items())
+
+
+# --------------------------------------------------------------------------- floors on paper
+
+
+def test_floor_bytes_are_every_argument_once():
+    """Compulsory traffic against the shapes written out by hand (float32, 4 bytes)."""
+    gc = aot.SizeCase("grid_combine", "forward", (("N", 8), ("G", 441), ("D", 784)), "bench")
+    N, G, D = 8, 441, 784
+    row = aot.floor_row(gc, torch.float32)
+    assert row["bytes"] == 4 * (3 * N * D + 2 * G + N * G * D) == 11_142_600
+    assert row["memory_floor_us"] == pytest.approx(11_142_600 / 3.35e12 * 1e6)
+    wp = aot.SizeCase("weighted_projection", "backward", (("B", 256), ("C", 1000), ("P", 1)), "bench", True)
+    B, C, P = 256, 1000, 1
+    assert aot.floor_row(wp, torch.bfloat16)["bytes"] == 2 * (2 * P * B * C + 2 * B * C + B)
+    grl = aot.SizeCase("grid_relative_loglik", "backward", (("N", 64), ("G", 441), ("C", 10)), "bench")
+    assert aot.floor_row(grl)["bytes"] == 4 * (64 * 441 + 2 * 64 * 441 * 10)
+
+
+def test_every_benchmark_launch_is_memory_bound_on_an_h100():
+    ridge = aot.H100_FP32_FLOPS / aot.H100_BYTES_PER_S  # 20 FLOP per byte
+    for case in aot.size_cases(case_sets=["bench"]):
+        row = aot.floor_row(case)
+        assert 0 < row["flop_per_byte"] < ridge / 10, row
 
 
 # --------------------------------------------------------------------------- parsing cuobjdump

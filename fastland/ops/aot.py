@@ -61,6 +61,8 @@ __all__ = [
     "parse_res_usage",
     "count_global_accesses",
     "markdown_table",
+    "floor_row",
+    "floors_markdown",
     "main",
 ]
 
@@ -578,31 +580,106 @@ def compile_job(job: CompileJob) -> Row:
     return Row(**head, registers=res["registers"], shared=shared, stack=res["stack"], local=res["local"], **counts)
 
 
+def _compile_key(job: CompileJob) -> str:
+    """What determines the binary: kernel, signature, constexprs, attributes, options and target."""
+    return repr((job.op, job.kernel, sorted(job.signature.items()), sorted(job.constexprs.items(), key=repr),
+                 sorted(job.attrs.items()), sorted(job.options.items(), key=repr), job.target))
+
+
 def compile_jobs(jobs: Sequence[CompileJob], workers: int = 1, progress: bool = False) -> List[Row]:
-    """Compile every job (``workers`` processes when > 1), in order; a tqdm bar when ``progress``."""
+    """Compile every job (``workers`` processes when > 1); rows in job order; a tqdm bar when ``progress``.
+
+    Jobs that make the same binary (e.g. two sizes with the same specialisation)
+    are compiled once; their rows differ only in ``case`` and ``sizes``.
+    """
+    unique: Dict[str, CompileJob] = {}
+    for job in jobs:
+        unique.setdefault(_compile_key(job), job)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc="aot compile", unit="kernel", file=sys.stderr)
-    rows: List[Row] = []
+        bar = tqdm(total=len(unique), desc="aot compile", unit="kernel", file=sys.stderr)
+    done: Dict[str, Row] = {}
     try:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                rows.append(compile_job(job))
+        if workers <= 1 or len(unique) <= 1:
+            results: Iterable[Row] = map(compile_job, unique.values())
+            for key, row in zip(unique, results):
+                done[key] = row
                 if bar is not None:
                     bar.update()
         else:
             ctx = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                for row in pool.map(compile_job, jobs):
-                    rows.append(row)
+                for key, row in zip(unique, pool.map(compile_job, unique.values())):
+                    done[key] = row
                     if bar is not None:
                         bar.update()
     finally:
         if bar is not None:
             bar.close()
-    return rows
+    return [dataclasses.replace(done[_compile_key(j)], case=j.case, sizes=j.sizes) for j in jobs]
+
+
+# --------------------------------------------------------------------------- floors on paper
+
+# H100 SXM figures the floors use (computed, not measured)
+H100_BYTES_PER_S = 3.35e12
+H100_FP32_FLOPS = 67e12
+
+
+def _flops(case: SizeCase) -> int:
+    """FLOPs of one launch, counting +, -, ×, ÷, max, exp, log and sqrt as one each.
+
+    weighted_projection forward: softmax and logsumexp 5 per logit, per projection
+    and logit 4 (square, add, divide, weight) and a sqrt per row; backward (softmax
+    weight): softmax again (5), per projection and logit 5 (square, add, divide,
+    multiply, accumulate), ``⟨w, s⟩`` and ``s ⊙ (w + shift)`` 4 per logit.
+    grid_combine forward ``base + a·u + b·v`` 4 per output element; backward 5 per
+    element of grad_out (three accumulations, two products).
+    grid_relative_loglik forward 4 per logit (max, subtract, exp, add) and 3 per
+    row (log, add, subtract); backward 5 per logit and a divide per row.
+    """
+    s = dict(case.sizes)
+    if case.op == "weighted_projection":
+        B, C, P = s["B"], s["C"], s["P"]
+        if case.kind == "forward":
+            return 5 * B * C + P * B * (4 * C + 1)
+        return (9 * B * C + 5 * P * B * C + P * B) if case.softmax else 6 * B * C
+    if case.op == "grid_combine":
+        return (4 if case.kind == "forward" else 5) * s["N"] * s["G"] * s["D"]
+    rows, C = s["N"] * s["G"], s["C"]
+    return 4 * rows * C + 3 * rows if case.kind == "forward" else 5 * rows * C + rows
+
+
+def floor_row(case: SizeCase, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+    """The compulsory traffic, FLOPs and H100 floors of one launch (computed, not measured).
+
+    Bytes: every tensor argument of the launch (inputs and outputs as the
+    launcher allocates them) read or written exactly once — re-reads that hit
+    in cache are not counted. Floors: bytes / 3.35 TB/s and FLOPs / 67 TFLOP/s.
+    """
+    launches = capture_launches(case, dtype)
+    nbytes = sum(a.numel() * a.element_size() for ln in launches for a in ln.args if isinstance(a, torch.Tensor))
+    flops = _flops(case)
+    return {
+        "op": case.op, "kind": case.kind, "sizes": case.label, "dtype": str(dtype).replace("torch.", ""),
+        "bytes": nbytes, "flops": flops, "flop_per_byte": flops / nbytes,
+        "memory_floor_us": nbytes / H100_BYTES_PER_S * 1e6, "compute_floor_us": flops / H100_FP32_FLOPS * 1e6,
+    }
+
+
+def floors_markdown(cases: Sequence[SizeCase], dtype: torch.dtype = torch.float32) -> str:
+    """:func:`floor_row` of each case as a Markdown table."""
+    out = ["| launch | sizes | dtype | bytes (MB) | FLOPs (M) | FLOP/B | memory floor | compute floor | bound by |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for case in cases:
+        f = floor_row(case, dtype)
+        bound = "memory" if f["memory_floor_us"] >= f["compute_floor_us"] else "compute"
+        out.append(f"| {f['op']} {f['kind']} | {f['sizes']} | {f['dtype']} | {f['bytes'] / 1e6:.3f} | "
+                   f"{f['flops'] / 1e6:.2f} | {f['flop_per_byte']:.2f} | {f['memory_floor_us']:.2f} µs | "
+                   f"{f['compute_floor_us']:.3f} µs | {bound} |")
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- output
@@ -723,6 +800,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="compile processes (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-' for stdout)")
     p.add_argument("--markdown", metavar="PATH", help="write the rows as a Markdown table ('-' for stdout)")
+    p.add_argument("--floors", metavar="PATH", help="write the bench launches' bytes, FLOPs and H100 floors "
+                   "(computed, not measured) as a Markdown table ('-' for stdout); compiles nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
     p.add_argument("--keep-going", action="store_true", help="exit 0 even when compiles fail (rows carry errors)")
     return p
@@ -737,6 +816,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return subprocess.run([sys.executable, "-m", "fastland.ops.aot", *argv], env=env).returncode
     for name in args.dtypes:
         _dtype(name)
+    if args.floors:
+        text = floors_markdown(size_cases(args.ops, ["bench"]))
+        print(text) if args.floors == "-" else _write_atomic(args.floors, text)
+        return 0
     jobs = plan(args.ops, args.dtypes, args.targets, args.cases)
     rows = compile_jobs(jobs, workers=args.workers, progress=not args.quiet)
     table = markdown_table(rows)
