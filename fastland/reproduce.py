@@ -236,12 +236,16 @@ def reproduce(
     seed: int = 0,
     sweep: bool = False,
     figures: bool = True,
+    figure_steps: Optional[int] = None,
     data_dir: Optional[str] = None,
     download: bool = False,
     device: str = "auto",
     progress: bool = True,
 ) -> Path:
     """Train, evaluate and report one setting of the paper; returns the path of ``results.md``.
+
+    ``figure_steps`` sets the landscape figures' grid points per axis (None:
+    :func:`fastland.landscape`'s default).
 
     Resumable: finished models (``model.pt``) and evaluations (``eval.json`` with
     the same settings) are reused, unfinished training resumes from its checkpoint.
@@ -265,7 +269,7 @@ def reproduce(
         results[spec.name] = _evaluate_run(spec, r.model, out / spec.name, test, s, progress)
     fig_paths: List[str] = []
     if figures:
-        fig_paths = _draw_figures(out, specs, models, results, test, progress)
+        fig_paths = _draw_figures(out, specs, models, results, test, figure_steps)
     return _write_tables(out, setting, specs, results, train_times, s, fig_paths)
 
 
@@ -274,7 +278,7 @@ def reproduce(
 
 def landscape_figure(models: Dict[str, nn.Module], x: Tensor, y: Tensor, path: str | Path, *,
                      directions: str = "rademacher", span: Optional[float] = None, steps: Optional[int] = None,
-                     kind: str = "contour", seed: int = 0, title: Optional[str] = None) -> List[Path]:
+                     kind: str = "surface", seed: int = 0, title: Optional[str] = None) -> List[Path]:
     """Δlog p landscapes of several models around the same sample, side by side.
 
     Args:
@@ -315,7 +319,8 @@ def _save(fig: Any, path: str | Path, title: Optional[str] = None) -> List[Path]
 
 
 def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
-                  results: Dict[str, Dict[str, Any]], test: Tuple[Tensor, Tensor], progress: bool) -> List[str]:
+                  results: Dict[str, Dict[str, Any]], test: Tuple[Tensor, Tensor],
+                  steps: Optional[int] = None) -> List[str]:
     """Figs. 1, 3, 4, 5 (and 2 when a sweep was trained) into ``out``; returns the PNG paths."""
     from . import plot
     from .landscape import loglik_histogram
@@ -324,7 +329,7 @@ def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
     main = {s.label: models[s.name] for s in specs if s.main}
     paths: List[str] = []
     x0, y0 = x[:1], y[:1]
-    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig1_landscapes.png", kind="surface",
+    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig1_landscapes.png", steps=steps,
                                                title="Fig. 1: Δlog p over two random signed directions")]
     sweep = [s for s in specs if not s.main or s.config.defence in ("at", "jacobian")]
     if any(not s.main for s in specs):
@@ -332,7 +337,7 @@ def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
             group = sorted((s for s in sweep if s.config.defence == d),
                            key=lambda s: s.config.at_eps if d == "at" else s.config.lam)
             paths += [str(p) for p in landscape_figure(
-                {s.label: models[s.name] for s in group}, x0, y0, out / f"fig2_strength_{d}.png",
+                {s.label: models[s.name] for s in group}, x0, y0, out / f"fig2_strength_{d}.png", steps=steps,
                 title=f"Fig. 2: increasing {'AT ε' if d == 'at' else 'Jacobian λ'}")]
     hists = {}
     for label, m in main.items():
@@ -346,6 +351,6 @@ def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
                                           title="Fig. 4: flatness Φ vs PGD accuracy",
                                           ylabel="PGD accuracy (%)")
     paths += [str(p) for p in _save(fig4, out / "fig4_flatness_vs_robustness.png")]
-    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig5_fgsm_landscapes.png", directions="fgsm",
+    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig5_fgsm_landscapes.png", directions="fgsm", steps=steps,
                                                title="Fig. 5: Δlog p along the FGSM direction and a random one")]
     return [p for p in paths if p.endswith(".png")]

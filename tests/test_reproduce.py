@@ -1,0 +1,100 @@
+"""``fastland reproduce``: end to end on a tiny synthetic setting, resumability, the findings check."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import fastland.reproduce as rp
+import fastland.train as tr
+from fastland.evaluate import EvalSettings
+from fastland.train import DEFENCES, fit, paper_settings
+
+TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=32, n_phi=3, phi_steps=3)
+TINY = dict(epochs=1, train_size=64, batch_size=32, eval_settings=TINY_EVAL, progress=False, figure_steps=5)
+
+
+def test_paper_tables_are_transcribed():
+    t2 = rp.CONFIGS["fmnist-lenet"].paper
+    assert (t2["none"].phi, t2["none"].clean, t2["none"].pgd) == (-9435.9, 91.53, 0.0)
+    assert (t2["amsreg"].phi, t2["at"].pgd) == (-378.1, 62.64)
+    t1 = rp.CONFIGS["cifar10-resnet18"].paper
+    assert (t1["jacobian"].phi, t1["jacobian"].clean, t1["jacobian"].pgd) == (-1945.1, 82.28, 14.73)
+    assert rp.CONFIGS["cifar10-ddnet"].dataset == "cifar10" and rp.CONFIGS["cifar10-ddnet"].model == "ddnet"
+
+
+def test_paper_numbers_pass_every_finding():
+    paper = {d: {"phi": r.phi, "clean_acc": r.clean, "pgd_acc": r.pgd}
+             for d, r in rp.CONFIGS["fmnist-lenet"].paper.items()}
+    checks = rp.findings(paper)
+    assert len(checks) == 6 and all(ok for _, ok in checks)
+
+
+def test_findings_fail_when_the_order_is_wrong():
+    res = {"none": {"phi": -100.0, "clean_acc": 90.0, "pgd_acc": 30.0},
+           "at": {"phi": -50.0, "clean_acc": 80.0, "pgd_acc": 20.0},
+           "amsreg": {"phi": -60.0, "clean_acc": 89.0, "pgd_acc": 35.0}}
+    got = dict(rp.findings(res))
+    assert not got["adversarial training is the most robust under PGD"]
+    assert not got["AMSReg has the flattest landscape (highest Φ)"]
+    assert not got["no defence sits near 0% PGD accuracy (< 5%)"]
+    assert not got["amsreg is far more robust than no defence (PGD acc. +10 points or more)"]
+    assert not any("jacobian" in k for k in got)  # not run, not judged
+    assert not got["clean accuracies within a few points of each other (spread 10.0 ≤ 5)"]
+
+
+def test_run_specs_use_the_papers_strengths_and_the_sweep():
+    specs = rp.run_specs("cifar10-ddnet", epochs=3, sweep=True)
+    main = {s.config.defence: s.config for s in specs if s.main}
+    assert set(main) == set(DEFENCES)
+    ps = paper_settings("cifar10")
+    assert main["at"].at_eps == ps.at_eps and main["jacobian"].lam == 0.05 and main["amsreg"].lam == 1.0
+    sweep = [s.config for s in specs if not s.main]
+    assert sorted(c.at_eps for c in sweep if c.defence == "at") == pytest.approx(
+        [ps.at_eps * f for f in (0.25, 0.5, 2.0)])
+    assert sorted(c.lam for c in sweep if c.defence == "jacobian") == pytest.approx([0.0125, 0.025, 0.1])
+    assert len({s.name for s in specs}) == len(specs)
+    with pytest.raises(ValueError, match="setting: expected one of"):
+        rp.run_specs("mnist-mlp", epochs=1)
+
+
+def test_reproduce_end_to_end_then_rerun_skips_finished_work(tmp_path, monkeypatch):
+    out = tmp_path / "repro"
+    # one model interrupted after its first epoch: reproduce must resume it, not restart it
+    c = rp.run_specs("synthetic-lenet", epochs=2, train_size=64, batch_size=32, defences=("none",))[0].config
+    tr.train(c, out / "none", progress=False, stop_after=1)
+    first_epoch = json.loads((out / "none" / "metrics.jsonl").read_text().splitlines()[0])
+
+    report = rp.reproduce("synthetic-lenet", out, **{**TINY, "epochs": 2})
+    assert report == out / "results.md"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["run"] for r in rows] == list(DEFENCES)
+    for r in rows:
+        assert 0 <= float(r["clean_acc"]) <= 100 and 0 <= float(r["pgd_acc"]) <= 100
+        assert float(r["phi"]) < 0 and r["epochs"] == "2"
+        ev = json.loads((out / r["run"] / "eval.json").read_text())
+        assert float(r["pgd_acc"]) == pytest.approx(ev["pgd_acc"], abs=0.01)
+    resumed = json.loads((out / "none" / "metrics.jsonl").read_text().splitlines()[0])
+    assert resumed == first_epoch  # epoch 1 kept from the interrupted run
+    text = report.read_text()
+    assert "| AMSReg (λ = 0.5) |" in text and "Findings of the paper" in text
+    for fig in ("fig1_landscapes", "fig3_histograms", "fig4_flatness_vs_robustness", "fig5_fgsm_landscapes"):
+        assert (out / f"{fig}.png").stat().st_size > 0 and (out / f"{fig}.pdf").exists()
+        assert f"({fig}.png)" in text
+
+    # a rerun trains and evaluates nothing
+    def boom(*a, **k):
+        raise AssertionError("finished work was redone")
+
+    monkeypatch.setattr(tr, "fit", boom)
+    monkeypatch.setattr(rp, "evaluate", boom)
+    rp.reproduce("synthetic-lenet", out, **{**TINY, "epochs": 2}, figures=False)
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
+
+
+def test_reproduce_paper_setting_with_missing_data_is_a_clear_error(tmp_path):
+    from fastland.data import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="CIFAR-10"):
+        rp.reproduce("cifar10-ddnet", tmp_path, epochs=1, data_dir=str(tmp_path / "nothing"), progress=False)
