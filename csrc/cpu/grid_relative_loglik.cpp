@@ -28,11 +28,18 @@ void forward_impl(const T* z, const T* base, T* out, int64_t N, int64_t G, int64
   const int64_t n_blocks = (R + block - 1) / block;
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     std::vector<T> work(block * C);
+    std::vector<T> sums(block);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * block;
       const int64_t rows = std::min(block, R - r0);
-      softmax_rows(z + r0 * C, rows, C, work.data(), out + r0, false);
-      for (int64_t r = r0; r < r0 + rows; ++r) out[r] -= base[r / G];
+      softmax_rows(z + r0 * C, rows, C, work.data(), out + r0, sums.data(), false);
+      // subtract base_lse[n] over the rows' runs of constant n (no division per row)
+      for (int64_t r = r0; r < r0 + rows;) {
+        const int64_t n = r / G;
+        const int64_t stop = std::min(r0 + rows, (n + 1) * G);
+        const T b = base[n];
+        for (; r < stop; ++r) out[r] -= b;
+      }
     }
   });
 }
@@ -43,11 +50,12 @@ void backward_impl(const T* gout, const T* z, T* gz, int64_t R, int64_t C) {
   const int64_t n_blocks = (R + block - 1) / block;
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     std::vector<T> lse(block);
+    std::vector<T> sums(block);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * block;
       const int64_t rows = std::min(block, R - r0);
       T* out = gz + r0 * C;
-      softmax_rows(z + r0 * C, rows, C, out, lse.data(), true);
+      softmax_rows(z + r0 * C, rows, C, out, lse.data(), sums.data(), true);
       for (int64_t r = 0; r < rows; ++r) {
         const T g = gout[r0 + r];
         for (int64_t c = 0; c < C; ++c) out[r * C + c] *= g;

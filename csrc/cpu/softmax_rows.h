@@ -19,26 +19,28 @@ inline int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, 4096 / st
 // For `rows` contiguous rows of length C starting at z:
 //   lse[r] = logsumexp(z[r, :]) (max-shifted: finite for |z| ~ 1e4),
 //   work[r, c] = softmax(z[r, :])_c when normalise, else exp(z[r, c] - max_r).
-// work holds rows * C scalars; lse holds rows scalars.
+// work holds rows * C scalars, lse and sums hold rows scalars each (sums: scratch).
+// exp and log run once over the whole block (vectorised), not row by row.
 template <typename T>
-void softmax_rows(const T* z, int64_t rows, int64_t C, T* work, T* lse, bool normalise) {
+void softmax_rows(const T* z, int64_t rows, int64_t C, T* work, T* lse, T* sums, bool normalise) {
+  for (int64_t r = 0; r < rows; ++r) lse[r] = row_max(z + r * C, C);
   for (int64_t r = 0; r < rows; ++r) {
     const T* zr = z + r * C;
-    const T m = row_max(zr, C);
-    lse[r] = m;
+    const T m = lse[r];
     T* wr = work + r * C;
     for (int64_t c = 0; c < C; ++c) wr[c] = zr[c] - m;
   }
   exp_inplace(work, rows * C);
-  for (int64_t r = 0; r < rows; ++r) {
-    T* wr = work + r * C;
-    const double s = row_sum(wr, C);
-    lse[r] = static_cast<T>(static_cast<double>(lse[r]) + std::log(s));
-    if (normalise) {
-      const T inv = static_cast<T>(1.0 / s);
+  for (int64_t r = 0; r < rows; ++r) sums[r] = row_sum(work + r * C, C);
+  if (normalise) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* wr = work + r * C;
+      const T inv = T(1) / sums[r];
       for (int64_t c = 0; c < C; ++c) wr[c] *= inv;
     }
   }
+  log_inplace(sums, rows);
+  for (int64_t r = 0; r < rows; ++r) lse[r] += sums[r];
 }
 
 // The checks every entry point makes: a contiguous CPU float/double tensor.

@@ -45,58 +45,37 @@ inline float exp_poly(float x) {
   return x < lo ? 0.0f : p * scale;
 }
 
+// log(x) for float, x > 0 finite (Cephes' logf): x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// a degree-9 polynomial for log(1 + f), f = m - 1; exponent and mantissa from the bits.
+inline float log_poly(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  const int32_t mbits = (bits & 0x007fffff) | 0x3f800000;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool big = m > 1.41421356237f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float ef = static_cast<float>(e);
+  y += -2.12194440e-4f * ef;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * ef;
+}
+
 }  // namespace
-
-constexpr int64_t kLanes = 16;
-
-template <typename T>
-inline T row_max_impl(const T* x, int64_t n) {
-  T lane[kLanes];
-  const int64_t n16 = n - n % kLanes;
-  if (n16 == 0) {
-    T m = x[0];
-    for (int64_t i = 1; i < n; ++i) m = x[i] > m ? x[i] : m;
-    return m;
-  }
-  for (int64_t j = 0; j < kLanes; ++j) lane[j] = x[j];
-  for (int64_t i = kLanes; i < n16; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lane[j] = x[i + j] > lane[j] ? x[i + j] : lane[j];
-  T m = lane[0];
-  for (int64_t j = 1; j < kLanes; ++j) m = lane[j] > m ? lane[j] : m;
-  for (int64_t i = n16; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
-template <typename T>
-inline double row_dot_impl(const T* x, const T* y, int64_t n) {
-  T lane[kLanes] = {};
-  const int64_t n16 = n - n % kLanes;
-  for (int64_t i = 0; i < n16; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lane[j] += x[i + j] * y[i + j];
-  double s = 0.0;
-  for (int64_t j = 0; j < kLanes; ++j) s += lane[j];
-  for (int64_t i = n16; i < n; ++i) s += static_cast<double>(x[i]) * y[i];
-  return s;
-}
-
-template <typename T>
-inline double row_sum_impl(const T* x, int64_t n) {
-  T lane[kLanes] = {};
-  const int64_t n16 = n - n % kLanes;
-  for (int64_t i = 0; i < n16; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lane[j] += x[i + j];
-  double s = 0.0;
-  for (int64_t j = 0; j < kLanes; ++j) s += lane[j];
-  for (int64_t i = n16; i < n; ++i) s += x[i];
-  return s;
-}
-
-FASTLAND_CLONES float row_max(const float* x, int64_t n) { return row_max_impl(x, n); }
-FASTLAND_CLONES double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
-FASTLAND_CLONES double row_sum(const float* x, int64_t n) { return row_sum_impl(x, n); }
-FASTLAND_CLONES double row_sum(const double* x, int64_t n) { return row_sum_impl(x, n); }
-FASTLAND_CLONES double row_dot(const float* x, const float* y, int64_t n) { return row_dot_impl(x, y, n); }
-FASTLAND_CLONES double row_dot(const double* x, const double* y, int64_t n) { return row_dot_impl(x, y, n); }
 
 FASTLAND_CLONES void exp_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = exp_poly(x[i]);
@@ -104,6 +83,22 @@ FASTLAND_CLONES void exp_inplace(float* x, int64_t n) {
 
 void exp_inplace(double* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+FASTLAND_CLONES void log_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = log_poly(x[i]);
+}
+
+void log_inplace(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::log(x[i]);
+}
+
+FASTLAND_CLONES void rsqrt_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = 1.0f / std::sqrt(x[i]);
+}
+
+FASTLAND_CLONES void rsqrt_inplace(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = 1.0 / std::sqrt(x[i]);
 }
 
 FASTLAND_CLONES void combine_row(const float* base, const float* u, const float* v, float a, float b,

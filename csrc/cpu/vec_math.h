@@ -12,19 +12,65 @@
 namespace fastland {
 namespace cpu {
 
-// max_i x[i] (n >= 1) and sum_i x[i], with 16 independent lanes (vectorised, and
-// more accurate than one running sum); sums are returned in double.
-float row_max(const float* x, int64_t n);
-double row_max(const double* x, int64_t n);
-double row_sum(const float* x, int64_t n);
-double row_sum(const double* x, int64_t n);
-// sum_i x[i] * y[i], 16 lanes, returned in double.
-double row_dot(const float* x, const float* y, int64_t n);
-double row_dot(const double* x, const double* y, int64_t n);
-
+// Block primitives, compiled per instruction set (call them on whole blocks, not short rows).
 // x[i] <- exp(x[i]) for i < n. float: |rel. error| < 3e-7, exp(x) = 0 for x < -87.
 void exp_inplace(float* x, int64_t n);
 void exp_inplace(double* x, int64_t n);
+// x[i] <- log(x[i]) for i < n, x[i] > 0 finite. float: |abs. error| < 3e-7 * max(1, |log x|).
+void log_inplace(float* x, int64_t n);
+void log_inplace(double* x, int64_t n);
+// x[i] <- 1 / sqrt(x[i]) for i < n.
+void rsqrt_inplace(float* x, int64_t n);
+void rsqrt_inplace(double* x, int64_t n);
+
+// Row reductions, inline: 16 independent lanes (vectorised for long rows, and more
+// accurate than one running sum); a plain loop for rows shorter than 16.
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  T m = x[0];
+  const int64_t n16 = n - n % kLanes;
+  if (n16 > 0) {
+    T lane[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] = x[j];
+    for (int64_t i = kLanes; i < n16; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) lane[j] = x[i + j] > lane[j] ? x[i + j] : lane[j];
+    m = lane[0];
+    for (int64_t j = 1; j < kLanes; ++j) m = lane[j] > m ? lane[j] : m;
+  }
+  for (int64_t i = n16; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// sum_i x[i] * y[i] (y = nullptr: sum_i x[i]), accumulated in T per lane, returned as T.
+template <typename T>
+inline T row_dot(const T* x, const T* y, int64_t n) {
+  const int64_t n16 = n - n % kLanes;
+  T s = T(0);
+  if (n16 > 0) {
+    T lane[kLanes] = {};
+    if (y == nullptr) {
+      for (int64_t i = 0; i < n16; i += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) lane[j] += x[i + j];
+    } else {
+      for (int64_t i = 0; i < n16; i += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) lane[j] += x[i + j] * y[i + j];
+    }
+    for (int64_t j = 0; j < kLanes; ++j) s += lane[j];
+  }
+  if (y == nullptr) {
+    for (int64_t i = n16; i < n; ++i) s += x[i];
+  } else {
+    for (int64_t i = n16; i < n; ++i) s += x[i] * y[i];
+  }
+  return s;
+}
+
+template <typename T>
+inline T row_sum(const T* x, int64_t n) {
+  return row_dot<T>(x, nullptr, n);
+}
 
 // out[i] <- base[i] + a * u[i] + b * v[i] for i < n.
 void combine_row(const float* base, const float* u, const float* v, float a, float b, float* out, int64_t n);

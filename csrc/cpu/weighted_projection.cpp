@@ -27,10 +27,11 @@ void check_args(const at::Tensor& logits, const at::Tensor& noise) {
               "noise: expected shape [P, ", logits.size(0), ", ", logits.size(1), "], got ", noise.sizes());
 }
 
-// 1 / ||row|| of a noise row (the normalisation of v); 0 is never used since C = 1 takes v = 1.
+// inv[r] = 1 / ||noise row r|| for `rows` rows of length C (C > 1; C = 1 takes v = 1).
 template <typename T>
-inline T inv_norm(const T* row, int64_t C) {
-  return static_cast<T>(1.0 / std::sqrt(row_dot(row, row, C)));
+inline void inv_norms(const T* noise, int64_t rows, int64_t C, T* inv) {
+  for (int64_t r = 0; r < rows; ++r) inv[r] = row_dot(noise + r * C, noise + r * C, C);
+  rsqrt_inplace(inv, rows);
 }
 
 template <typename T>
@@ -39,23 +40,29 @@ void forward_impl(const T* z, const T* noise, T* cot, T* lse, int64_t P, int64_t
   const int64_t n_blocks = (B + block - 1) / block;
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     std::vector<T> prob(block * C);
+    std::vector<T> sums(block);
+    std::vector<T> inv(block);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * block;
       const int64_t rows = std::min(block, B - r0);
-      softmax_rows(z + r0 * C, rows, C, prob.data(), lse + r0, true);
+      softmax_rows(z + r0 * C, rows, C, prob.data(), lse + r0, sums.data(), true);
       for (int64_t p = 0; p < P; ++p) {
+        const int64_t off0 = (p * B + r0) * C;
+        T* out0 = cot + off0;
+        if (C == 1) {  // v = 1, softmax of one logit = 1
+          for (int64_t r = 0; r < rows; ++r) out0[r] = T(1);
+          continue;
+        }
+        const T* n0 = noise + off0;
+        inv_norms(n0, rows, C, inv.data());
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t off = (p * B + r0 + r) * C;
-          const T* nr = noise + off;
-          T* out = cot + off;
-          const T* pr = prob.data() + r * C;
-          if (C == 1) {
-            out[0] = softmax ? pr[0] : T(1);
-          } else if (softmax) {
-            const T s = inv_norm(nr, C);
+          const T* nr = n0 + r * C;
+          T* out = out0 + r * C;
+          const T s = inv[r];
+          if (softmax) {
+            const T* pr = prob.data() + r * C;
             for (int64_t c = 0; c < C; ++c) out[c] = nr[c] * s * pr[c];
           } else {
-            const T s = inv_norm(nr, C);
             for (int64_t c = 0; c < C; ++c) out[c] = nr[c] * s;
           }
         }
@@ -73,10 +80,12 @@ void backward_impl(const T* gcot, const T* glse, const T* z, const T* noise, T* 
     std::vector<T> prob(block * C);
     std::vector<T> w(block * C);
     std::vector<T> lse(block);
+    std::vector<T> sums(block);
+    std::vector<T> inv(block);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * block;
       const int64_t rows = std::min(block, B - r0);
-      softmax_rows(z + r0 * C, rows, C, prob.data(), lse.data(), true);
+      softmax_rows(z + r0 * C, rows, C, prob.data(), lse.data(), sums.data(), true);
       if (!softmax) {
         for (int64_t r = 0; r < rows; ++r) {
           const T g = glse[r0 + r];
@@ -88,23 +97,26 @@ void backward_impl(const T* gcot, const T* glse, const T* z, const T* noise, T* 
       }
       std::fill(w.begin(), w.begin() + rows * C, T(0));
       for (int64_t p = 0; p < P; ++p) {
+        const int64_t off0 = (p * B + r0) * C;
+        const T* g0 = gcot + off0;
+        if (C == 1) {  // v = 1
+          for (int64_t r = 0; r < rows; ++r) w[r] += g0[r];
+          continue;
+        }
+        const T* n0 = noise + off0;
+        inv_norms(n0, rows, C, inv.data());
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t off = (p * B + r0 + r) * C;
-          const T* nr = noise + off;
-          const T* gr = gcot + off;
+          const T* nr = n0 + r * C;
+          const T* gr = g0 + r * C;
           T* wr = w.data() + r * C;
-          if (C == 1) {
-            wr[0] += gr[0];
-          } else {
-            const T s = inv_norm(nr, C);
-            for (int64_t c = 0; c < C; ++c) wr[c] += gr[c] * nr[c] * s;
-          }
+          const T s = inv[r];
+          for (int64_t c = 0; c < C; ++c) wr[c] += gr[c] * nr[c] * s;
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const T* pr = prob.data() + r * C;
         const T* wr = w.data() + r * C;
-        const T shift = static_cast<T>(static_cast<double>(glse[r0 + r]) - row_dot(wr, pr, C));
+        const T shift = glse[r0 + r] - row_dot(wr, pr, C);
         T* out = gz + (r0 + r) * C;
         for (int64_t c = 0; c < C; ++c) out[c] = pr[c] * (wr[c] + shift);
       }

@@ -25,8 +25,8 @@ __all__ = ["grid_relative_loglik", "LAUNCH_CONFIGS"]
 # compilation) read: (largest C covered = BLOCK_C, BLOCK_R grid points per program,
 # num_warps), sorted by BLOCK_C; wider rows than the last entry use the reference ops.
 LAUNCH_CONFIGS: Dict[str, Tuple[Tuple[int, int, int], ...]] = {
-    "forward": ((16, 256, 4), (64, 64, 4), (256, 16, 4), (1024, 4, 4), (4096, 1, 8), (16384, 1, 16)),
-    "backward": ((16, 256, 4), (64, 64, 4), (256, 16, 4), (1024, 4, 4), (4096, 1, 8), (16384, 1, 16)),
+    "forward": ((16, 128, 4), (64, 32, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (16384, 1, 16)),
+    "backward": ((16, 128, 4), (64, 32, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (16384, 1, 16)),
 }
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
