@@ -1,0 +1,97 @@
+"""Training-loop benchmarks: in-memory index batches vs a DataLoader, and one
+optimiser step per defence (LeNet-5, Fashion-MNIST shapes, batch 128).
+
+Run::
+
+    .venv/bin/python -m pytest benchmarks/bench_train.py --benchmark-only -q \
+        --benchmark-min-rounds=3 --benchmark-json=/tmp/bench_train.json
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastland import models
+from fastland.train import TrainConfig, _epoch_indices, _Dist, defence_loss
+
+N, BATCH = 10_000, 128
+
+
+@pytest.fixture(autouse=True)
+def one_thread(benchmark):
+    """One intra-op thread (the shared 2-core box makes 2-thread timings bimodal)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    benchmark.extra_info["threads"] = 1
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(N, 1, 28, 28, generator=g), torch.randint(0, 10, (N,), generator=g)
+
+
+def _dataloader_epoch(x, y) -> int:
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    seen = 0
+    for xb, _ in loader:
+        seen += xb.shape[0]
+    return seen
+
+
+def _index_epoch(x, y) -> int:
+    order = torch.tensor(_epoch_indices(x.shape[0], 0, 0, _Dist()), dtype=torch.long)
+    seen = 0
+    for i in range(0, order.numel(), BATCH):
+        idx = order[i:i + BATCH]
+        xb, _ = x.index_select(0, idx), y.index_select(0, idx)
+        seen += xb.shape[0]
+    return seen
+
+
+def test_batches_dataloader(benchmark, data):
+    benchmark.group = "train-batching-10k-b128"
+    benchmark.extra_info["baseline"] = True
+    assert benchmark(_dataloader_epoch, *data) == N
+
+
+def test_batches_index_select(benchmark, data):
+    benchmark.group = "train-batching-10k-b128"
+    assert benchmark(_index_epoch, *data) == N
+
+
+STEP_CASES = [
+    ("none", {}),
+    ("amsreg", {"estimator": "projection"}),
+    ("amsreg", {"estimator": "gradnorm"}),
+    ("amsreg", {"estimator": "finite_difference"}),
+    ("jacobian", {"estimator": "projection"}),
+    ("at", {}),
+]
+
+
+@pytest.mark.parametrize("defence,extra", STEP_CASES,
+                         ids=[f"{d}-{e.get('estimator', 'pgd10' if d == 'at' else 'ce')}" for d, e in STEP_CASES])
+def test_step(benchmark, data, defence, extra):
+    torch.manual_seed(0)
+    model = models.create("lenet", "fmnist").train()
+    cfg = TrainConfig(model="lenet", dataset="fmnist", defence=defence, **extra).resolved()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    xb, yb = data[0][:BATCH], data[1][:BATCH]
+
+    def step() -> float:
+        loss, _, _, _ = defence_loss(model, xb, yb, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    benchmark.group = "train-step-lenet-b128"
+    if defence == "none":
+        benchmark.extra_info["baseline"] = True
+    assert torch.isfinite(torch.tensor(benchmark(step)))
