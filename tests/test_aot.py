@@ -74,7 +74,7 @@ def test_no_configuration_spills_at_benchmark_sizes(rows):
 def test_benchmark_launches_use_the_launchers_configuration(rows):
     """Each compile's block sizes and warps are one entry of the op's LAUNCH_CONFIGS (the one table)."""
     for r in rows:
-        entries = aot._config_table(r.op, r.kind)
+        entries = aot._config_table(r.op, r.kind, getattr(torch, r.dtype))
         assert sorted(r.params.values()) in [sorted(e) for e in entries], (r.kernel, r.params, entries)
 
 

@@ -148,9 +148,17 @@ def _op_module(op: str):
     return importlib.import_module(f"fastland.ops.{op}")
 
 
-def _config_table(op: str, kind: str) -> Tuple[Tuple[int, ...], ...]:
-    """The op's ``LAUNCH_CONFIGS[kind]`` as a tuple of configurations (a single one wrapped)."""
-    table = _op_module(op).LAUNCH_CONFIGS[kind]
+def _config_table(op: str, kind: str, dtype: torch.dtype = torch.float32) -> Tuple[Tuple[int, ...], ...]:
+    """The launch configurations the op's launcher picks from for ``kind`` and ``dtype``.
+
+    The module's ``launch_configs(kind, dtype)`` where it has one (dtype-dependent
+    tables), else its ``LAUNCH_CONFIGS[kind]``; a single configuration is wrapped.
+    """
+    module = _op_module(op)
+    if callable(getattr(module, "launch_configs", None)):
+        table = module.launch_configs(kind, dtype)
+    else:
+        table = module.LAUNCH_CONFIGS[kind]
     return (tuple(table),) if isinstance(table[0], int) else tuple(tuple(c) for c in table)
 
 
@@ -185,12 +193,14 @@ ALIGNED_SIZES: Dict[str, Tuple[Dict[str, int], ...]] = {
 }
 
 
-def size_cases(ops: Iterable[str] = OPS, case_sets: Iterable[str] = CASE_SETS) -> List[SizeCase]:
+def size_cases(
+    ops: Iterable[str] = OPS, case_sets: Iterable[str] = CASE_SETS, dtype: torch.dtype = torch.float32
+) -> List[SizeCase]:
     """The launches to compile: every configuration (``sweep``), the benchmark sizes (``bench``)
     and the memory-bound kernels' benchmark sizes made 16-aligned (``aligned``).
 
     weighted_projection runs with both weights in the sweep, with ``softmax``
-    (AMSReg) at the benchmark sizes.
+    (AMSReg) at the benchmark sizes. The sweep covers the configurations for ``dtype``.
     """
     case_sets = tuple(case_sets)
     for name in case_sets:
@@ -202,7 +212,7 @@ def size_cases(ops: Iterable[str] = OPS, case_sets: Iterable[str] = CASE_SETS) -
         for kind in KINDS:
             if "sweep" in case_sets:
                 flags = (True, False) if op == "weighted_projection" else (None,)
-                for index, config in enumerate(_config_table(op, kind)):
+                for index, config in enumerate(_config_table(op, kind, dtype)):
                     for flag in flags:
                         sizes = tuple(_sweep_sizes(op, config).items())
                         cases.append(SizeCase(op, kind, sizes, "sweep", flag, index))
@@ -393,12 +403,12 @@ def plan(
     dtype_names = tuple(dtypes)
     jobs: List[CompileJob] = []
     seen = set()
-    for case in size_cases(ops, case_sets):
-        module = _op_module(case.op)
-        _require_compilable(module)
-        kernels = _jit_kernels(module)
-        for dname in dtype_names:
-            dt = _dtype(dname)
+    for dname in dtype_names:
+        dt = _dtype(dname)
+        for case in size_cases(ops, case_sets, dt):
+            module = _op_module(case.op)
+            _require_compilable(module)
+            kernels = _jit_kernels(module)
             if dt not in module.TRITON_DTYPES:
                 continue
             for launch in capture_launches(case, dt):
@@ -426,7 +436,16 @@ def plan(
                     if key not in seen:
                         seen.add(key)
                         jobs.append(job)
-    return jobs
+    return sorted(jobs, key=_table_order(jobs, dtype_names, targets))
+
+
+def _table_order(jobs: Sequence[CompileJob], dtypes: Sequence[str], targets: Sequence[str]):
+    """Sort key: case set, op, kind, sizes (first appearance), dtype, target — a readable table."""
+    first: Dict[str, int] = {}
+    for j in jobs:
+        first.setdefault(j.sizes, len(first))
+    return lambda j: (CASE_SETS.index(j.case), OPS.index(j.op), KINDS.index(j.kind), first[j.sizes],
+                      dtypes.index(j.dtype), targets.index(j.target))
 
 
 # --------------------------------------------------------------------------- reading the cubin
