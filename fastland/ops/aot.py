@@ -41,8 +41,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -365,7 +365,8 @@ def _bind(kernel, launch: Launch, target: int):
 
     The same steps as ``JITFunction.run`` at a real launch (argument
     specialisation included), with the backend of ``target`` instead of the
-    current device's.
+    current device's. Uses Triton 3.8's ``create_function_from_signature`` and
+    ``JITFunction._pack_args`` (internal API: a Triton upgrade may need this revisited).
     """
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -750,6 +751,14 @@ def _write_atomic(path: str, text: str) -> None:
         raise
 
 
+def _emit(path: str, text: str) -> None:
+    """``text`` to stdout when ``path`` is ``"-"``, else atomically to the file ``path``."""
+    if path == "-":
+        print(text)
+    else:
+        _write_atomic(path, text)
+
+
 def _failure_message(rows: Sequence[Row]) -> str:
     bad = [r for r in rows if r.error]
     lines = [f"{len(bad)} of {len(rows)} ahead-of-time compiles failed:"]
@@ -816,7 +825,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="+", default=list(CASE_SETS), choices=CASE_SETS,
                    help="sweep: every launch configuration at aligned sizes; bench: the benchmark sizes; "
                    "aligned: memory-bound benchmark sizes rounded up to multiples of 16")
-    p.add_argument("--workers", type=int, default=1, help="compile processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="compile processes (default 1; Triton caches compiles)")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-' for stdout)")
     p.add_argument("--markdown", metavar="PATH", help="write the rows as a Markdown table ('-' for stdout)")
     p.add_argument("--floors", metavar="PATH", help="write the bench launches' bytes, FLOPs and H100 floors "
@@ -829,6 +838,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status (1 when a compile failed, unless ``--keep-going``)."""
     args = _parser().parse_args(argv)
+    from .utils import triton_available
+
+    if not triton_available():
+        print("python -m fastland.ops.aot: triton is not installed (pip install triton)", file=sys.stderr)
+        return 2
     if _kernels_interpreted():  # re-run without the interpreter: its kernels cannot be compiled
         env = {k: v for k, v in os.environ.items() if k != _INTERPRET_VAR}
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -836,18 +850,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in args.dtypes:
         _dtype(name)
     if args.floors:
-        text = floors_markdown(size_cases(args.ops, ["bench"]))
-        print(text) if args.floors == "-" else _write_atomic(args.floors, text)
+        _emit(args.floors, floors_markdown(size_cases(args.ops, ["bench"])))
         return 0
     jobs = plan(args.ops, args.dtypes, args.targets, args.cases)
     rows = compile_jobs(jobs, workers=args.workers, progress=not args.quiet)
     table = markdown_table(rows)
     if args.json:
-        text = json.dumps([dataclasses.asdict(r) for r in rows], indent=1)
-        print(text) if args.json == "-" else _write_atomic(args.json, text)
+        _emit(args.json, json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     if args.markdown:
-        print(table) if args.markdown == "-" else _write_atomic(args.markdown, table)
-    if not args.quiet and not args.json == "-" and not args.markdown == "-":
+        _emit(args.markdown, table)
+    if not args.quiet and "-" not in (args.json, args.markdown):
         print(table)
     if any(r.error for r in rows):
         print(_failure_message(rows), file=sys.stderr)
