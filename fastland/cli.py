@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -220,12 +220,12 @@ def _flatness_parser(sub: Any) -> None:
 
 
 def _cmd_flatness(args: argparse.Namespace) -> int:
-    from .evaluate import _subset, default_eval_settings, flatness_of
+    from .evaluate import default_eval_settings, flatness_of, subset_indices
 
     model, cfg, x, _ = _load_run_and_test(args)
     s = default_eval_settings(cfg.dataset, n_phi=args.n_phi, phi_dirs=args.phi_dirs, phi_span=args.phi_span,
                               phi_steps=args.phi_steps, reduction=args.reduction, seed=args.seed)
-    idx = _subset(x.shape[0], s.n_phi, s.seed)
+    idx = subset_indices(x.shape[0], s.n_phi, s.seed)
     res = flatness_of(model, x[idx], s, progress=not args.no_progress)
     print(json.dumps({"run": str(args.run), "n_phi": int(idx.numel()), "reduction": s.reduction, **res}))
     return 0

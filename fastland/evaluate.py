@@ -7,7 +7,6 @@ is the mean over test samples of φ(x) (Eq. 7), computed by
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
@@ -15,8 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_tensor
+from ._progress import progress_bar
 
-__all__ = ["EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "evaluate"]
+__all__ = ["EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "subset_indices",
+           "evaluate"]
 
 
 @dataclass
@@ -58,16 +59,6 @@ def default_eval_settings(dataset: str, **overrides: Any) -> EvalSettings:
     return s
 
 
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit="img")
-
-
 def _check_xy(x: Tensor, y: Tensor) -> None:
     check_tensor("x", x, min_ndim=2, nonempty=True)
     if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != x.shape[:1]:
@@ -80,15 +71,13 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500, p
     """Clean accuracy in [0, 1] of ``model`` (eval mode) on ``x [N, *S]``, ``y [N]``."""
     _check_xy(x, y)
     dev = next(model.parameters()).device
-    bar = _progress(x.shape[0], progress, "clean")
+    bar = progress_bar(x.shape[0], "clean accuracy", progress, unit="img")
     correct = 0
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
         correct += int((model(xb).argmax(1) == yb).sum())
-        if bar is not None:
-            bar.update(xb.shape[0])
-    if bar is not None:
-        bar.close()
+        bar.update(xb.shape[0])
+    bar.close()
     return correct / x.shape[0]
 
 
@@ -117,17 +106,15 @@ def pgd_accuracy(
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
-    bar = _progress(x.shape[0], progress, f"PGD-{steps}")
+    bar = progress_bar(x.shape[0], f"PGD-{steps} accuracy", progress, unit="img")
     correct = 0
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
         x_adv = pgd(model, xb, yb, eps=eps, alpha=alpha, steps=steps, random_start=True, generator=gen)
         with torch.no_grad():
             correct += int((model(x_adv).argmax(1) == yb).sum())
-        if bar is not None:
-            bar.update(xb.shape[0])
-    if bar is not None:
-        bar.close()
+        bar.update(xb.shape[0])
+    bar.close()
     return correct / x.shape[0]
 
 
@@ -147,7 +134,7 @@ def flatness_of(model: nn.Module, x: Tensor, s: EvalSettings, *, progress: bool 
     return {"phi": float(f.mean), "phi_stderr": float(f.stderr)}
 
 
-def _subset(n_total: int, n: Optional[int], seed: int) -> Tensor:
+def subset_indices(n_total: int, n: Optional[int], seed: int) -> Tensor:
     """Indices of a fixed random subset of size ``n`` (all, in order, when ``n`` is None or too big)."""
     if n is None or n >= n_total:
         return torch.arange(n_total)
@@ -170,17 +157,16 @@ def evaluate(
     model.eval()
     s = settings
     out: Dict[str, Any] = {}
-    idx = _subset(x.shape[0], s.n_clean, s.seed)
+    idx = subset_indices(x.shape[0], s.n_clean, s.seed)
     out["clean_acc"] = 100 * accuracy(model, x[idx], y[idx], batch_size=s.batch_size, progress=progress)
     out["n_clean"] = int(idx.numel())
-    idx = _subset(x.shape[0], s.n_pgd, s.seed)
+    idx = subset_indices(x.shape[0], s.n_pgd, s.seed)
     out["pgd_acc"] = 100 * pgd_accuracy(model, x[idx], y[idx], eps=s.eps, alpha=s.alpha, steps=s.steps,
                                         batch_size=s.batch_size, seed=s.seed, progress=progress)
     out["n_pgd"] = int(idx.numel())
     if phi:
-        idx = _subset(x.shape[0], s.n_phi, s.seed)
+        idx = subset_indices(x.shape[0], s.n_phi, s.seed)
         out.update(flatness_of(model, x[idx], s, progress=progress))
         out["n_phi"] = int(idx.numel())
-    out["settings"] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                       for k, v in asdict(s).items()}
+    out["settings"] = asdict(s)
     return out

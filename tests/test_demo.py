@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-from fastland.data import DATASETS
 from fastland.demo import DEMO_DEFENCES, run_demo
 
 

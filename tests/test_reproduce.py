@@ -9,7 +9,7 @@ import pytest
 import fastland.reproduce as rp
 import fastland.train as tr
 from fastland.evaluate import EvalSettings
-from fastland.train import DEFENCES, fit, paper_settings
+from fastland.train import DEFENCES, paper_settings
 
 TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=32, n_phi=3, phi_steps=3)
 TINY = dict(epochs=1, train_size=64, batch_size=32, eval_settings=TINY_EVAL, progress=False, figure_steps=5)
