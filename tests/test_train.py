@@ -260,7 +260,7 @@ def _env() -> dict:
 
 def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--dataset", "synthetic", "--model", "lenet", "--epochs", "4", "--train-size", "3000",
+    args = ["train", "--dataset", "synthetic", "--model", "lenet", "--epochs", "4", "--train-size", "6000",
             "--batch-size", "50", "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(_cli(*args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -269,7 +269,7 @@ def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.05)
-        time.sleep(0.3)  # into the next epoch
+        time.sleep(0.2)  # into the next epoch
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
