@@ -352,11 +352,21 @@ def _prefers_channels_last(model: nn.Module, x: Tensor) -> bool:
     return x.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _layout(points: Tensor, channels_last: bool) -> Tensor:
-    """``points`` ``[B, *H]`` in channels-last layout when asked and 4-D, else unchanged."""
-    if channels_last and points.dim() == 4:
-        return points.contiguous(memory_format=torch.channels_last)
-    return points
+def _synthesize(h0: Tensor, hu: Tensor, hv: Tensor, a: Tensor, b: Tensor, channels_last: bool) -> Tensor:
+    """Grid points ``h0 + a·hu + b·hv`` flattened to ``[n·g, *H]``, channels-last when asked and 4-D.
+
+    For channels-last the operands are permuted to ``[n, H, W, C]`` first, so
+    that :func:`fastland.ops.grid_combine` writes the points directly in that
+    layout (no extra transposing copy of the ``n·g`` points).
+
+    Args:
+        h0, hu, hv: ``[n, *H]``; a, b: ``[g]``.
+    """
+    if not (channels_last and h0.dim() == 4):
+        return ops.grid_combine(h0, hu, hv, a, b).flatten(0, 1)
+    nhwc = [t.permute(0, 2, 3, 1).contiguous() for t in (h0, hu, hv)]
+    out = ops.grid_combine(nhwc[0], nhwc[1], nhwc[2], a, b)  # [n, g, H, W, C]
+    return out.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [n·g, C, H, W], channels-last strides
 
 
 def _base_logits(model: nn.Module, x: Tensor, per_call: int) -> Tensor:
@@ -411,8 +421,8 @@ def landscape_values(
             else:
                 h0, hu, hv = xb, d1[i0:i1], d2[i0:i1]
             for j0, j1, g0, g1 in _chunks(i1 - i0, G, per_call):
-                pts = ops.grid_combine(h0[j0:j1], hu[j0:j1], hv[j0:j1], a[g0:g1], b[g0:g1])
-                z = forward(_layout(pts.flatten(0, 1), channels_last)).view(j1 - j0, g1 - g0, -1)
+                pts = _synthesize(h0[j0:j1], hu[j0:j1], hv[j0:j1], a[g0:g1], b[g0:g1], channels_last)
+                z = forward(pts).view(j1 - j0, g1 - g0, -1)
                 out[i0 + j0 : i0 + j1, g0:g1] = ops.grid_relative_loglik(z, base_lse[i0 + j0 : i0 + j1])
                 bar.update((j1 - j0) * (g1 - g0))
         bar.close()
@@ -591,8 +601,7 @@ def flatness_values(
                 h0, hu, hv = base[i0:i1], u[i0:i1], v[i0:i1]
         for j0, j1, g0, g1 in _chunks(i1 - i0, G, per_call):
             with torch.no_grad():
-                pts = ops.grid_combine(h0[j0:j1], hu[j0:j1], hv[j0:j1], a[g0:g1], b[g0:g1]).flatten(0, 1)
-                pts = _layout(pts, channels_last)
+                pts = _synthesize(h0[j0:j1], hu[j0:j1], hv[j0:j1], a[g0:g1], b[g0:g1], channels_last)
             if split is not None:
                 s = _fused_ams_scores(split, pts, x.shape[1:])
             else:
