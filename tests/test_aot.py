@@ -4,8 +4,9 @@ The test process runs under ``TRITON_INTERPRET=1`` (tests/conftest.py), where th
 kernels are interpreter objects; :func:`fastland.ops.aot.compile_report` then
 compiles in one subprocess without that variable. One module-scoped fixture
 compiles every kernel in float32 at the benchmark sizes and at 16-aligned sizes
-for both targets (24 compiles, cached by Triton across runs); the whole sweep
-(every configuration, float32/bfloat16/float64) is the ``slow`` test.
+for both targets (20 distinct binaries, ~30-60 s cold here, cached by Triton
+across runs); the whole sweep (every configuration, float32/bfloat16/float64) is
+the ``slow`` test.
 """
 from __future__ import annotations
 
@@ -288,7 +289,7 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.slow
-def test_whole_sweep_compiles_without_spills_in_float32_and_bfloat16(tmp_path):
+def test_whole_sweep_compiles_without_spills(tmp_path):
     """Every kernel × configuration × dtype × target via the command line (several minutes cold)."""
     out = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, "-m", "fastland.ops.aot", "--quiet", "--keep-going", "--workers", "2",
@@ -299,6 +300,5 @@ def test_whole_sweep_compiles_without_spills_in_float32_and_bfloat16(tmp_path):
     expected = {(k, t, d) for op in aot.OPS for k in _kernel_names(op) for t in TARGETS
                 for d in aot.DEFAULT_DTYPES if getattr(torch, d) in _module(op).TRITON_DTYPES}
     assert expected <= {(r.kernel, r.target, r.dtype) for r in rows}
-    spilling = [f"{r.kernel} [{r.config}] {r.dtype} {r.target}" for r in rows
-                if r.spills and r.dtype in ("float32", "bfloat16")]
+    spilling = [f"{r.kernel} [{r.config}] {r.dtype} {r.target}: stack {r.stack} B" for r in rows if r.spills]
     assert not spilling, "\n".join(spilling)
