@@ -7,6 +7,8 @@ Triton (GPU, not measured) figures: ``benchmarks/notes/ops.md``.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -21,9 +23,20 @@ GC_CASES = [(8, 441, 784), (8, 441, 3072)]  # (N, G, D)
 GRL_CASES = [(64, 441, 10)]  # (N, G, C)
 
 
+# One thread for every row (reference and C++ alike): this 2-core machine is shared
+# by several processes, and with 2 OpenMP threads the means measure the scheduler
+# (a descheduled thread stalls the other at the barrier), not the kernels.
+THREADS = int(os.environ.get("FASTLAND_BENCH_THREADS", "1"))
+
+
 @pytest.fixture(autouse=True)
-def _cpp_backend(monkeypatch):
+def _cpp_backend_and_threads(monkeypatch, benchmark):
     monkeypatch.setenv("FASTLAND_BACKEND", "cpp")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    benchmark.extra_info["threads"] = THREADS
+    yield
+    torch.set_num_threads(previous)
 
 
 def _gbps(nbytes: int, benchmark) -> str:

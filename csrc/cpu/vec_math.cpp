@@ -75,7 +75,102 @@ inline float log_poly(float x) {
   return f + y + 0.693359375f * ef;
 }
 
+inline float exp_of(float x) { return exp_poly(x); }
+inline double exp_of(double x) { return std::exp(x); }
+inline float log_of(float x) { return log_poly(x); }
+inline double log_of(double x) { return std::log(x); }
+
+template <typename T>
+inline void softmax_rows_impl(const T* z, int64_t rows, int64_t C, T* work, T* lse, T* sums, bool normalise) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* zr = z + r * C;
+    const T m = row_max(zr, C);
+    lse[r] = m;
+    T* wr = work + r * C;
+    for (int64_t c = 0; c < C; ++c) wr[c] = zr[c] - m;
+  }
+  const int64_t n = rows * C;
+  for (int64_t i = 0; i < n; ++i) work[i] = exp_of(work[i]);
+  for (int64_t r = 0; r < rows; ++r) sums[r] = row_sum(work + r * C, C);
+  if (normalise) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* wr = work + r * C;
+      const T inv = T(1) / sums[r];
+      for (int64_t c = 0; c < C; ++c) wr[c] *= inv;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) lse[r] += log_of(sums[r]);
+}
+
+template <typename T>
+inline void inv_norms(const T* noise, int64_t rows, int64_t C, T* inv) {
+  for (int64_t r = 0; r < rows; ++r) inv[r] = row_dot(noise + r * C, noise + r * C, C);
+  for (int64_t r = 0; r < rows; ++r) inv[r] = T(1) / std::sqrt(inv[r]);
+}
+
+template <typename T>
+inline void project_rows_impl(const T* noise, const T* prob, int64_t rows, int64_t C, T* inv, T* out) {
+  inv_norms(noise, rows, C, inv);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* nr = noise + r * C;
+    T* o = out + r * C;
+    const T s = inv[r];
+    if (prob != nullptr) {
+      const T* pr = prob + r * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = nr[c] * s * pr[c];
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = nr[c] * s;
+    }
+  }
+}
+
+template <typename T>
+inline void accumulate_projection_impl(const T* g, const T* noise, int64_t rows, int64_t C, T* inv, T* w) {
+  inv_norms(noise, rows, C, inv);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* nr = noise + r * C;
+    const T* gr = g + r * C;
+    T* wr = w + r * C;
+    const T s = inv[r];
+    for (int64_t c = 0; c < C; ++c) wr[c] += gr[c] * nr[c] * s;
+  }
+}
+
+template <typename T>
+inline void softmax_backward_rows_impl(const T* prob, const T* w, const T* glse, int64_t rows, int64_t C, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* pr = prob + r * C;
+    const T* wr = w + r * C;
+    const T shift = glse[r] - row_dot(wr, pr, C);
+    T* o = out + r * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = pr[c] * (wr[c] + shift);
+  }
+}
+
 }  // namespace
+
+// The row kernels for long rows, compiled per instruction set; short rows take the
+// inline versions in softmax_rows.h (see kWideRows there).
+#define FASTLAND_ROW_KERNELS(T)                                                                                   \
+  FASTLAND_CLONES void softmax_rows_wide(const T* z, int64_t rows, int64_t C, T* work, T* lse, T* sums,          \
+                                         bool normalise) {                                                      \
+    softmax_rows_impl(z, rows, C, work, lse, sums, normalise);                                                  \
+  }                                                                                                             \
+  FASTLAND_CLONES void project_rows_wide(const T* noise, const T* prob, int64_t rows, int64_t C, T* inv,        \
+                                         T* out) {                                                              \
+    project_rows_impl(noise, prob, rows, C, inv, out);                                                          \
+  }                                                                                                             \
+  FASTLAND_CLONES void accumulate_projection_wide(const T* g, const T* noise, int64_t rows, int64_t C, T* inv,  \
+                                                  T* w) {                                                       \
+    accumulate_projection_impl(g, noise, rows, C, inv, w);                                                      \
+  }                                                                                                             \
+  FASTLAND_CLONES void softmax_backward_rows_wide(const T* prob, const T* w, const T* glse, int64_t rows,       \
+                                                  int64_t C, T* out) {                                          \
+    softmax_backward_rows_impl(prob, w, glse, rows, C, out);                                                    \
+  }
+
+FASTLAND_ROW_KERNELS(float)
+FASTLAND_ROW_KERNELS(double)
 
 FASTLAND_CLONES void exp_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = exp_poly(x[i]);

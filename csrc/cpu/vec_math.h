@@ -23,6 +23,26 @@ void log_inplace(double* x, int64_t n);
 void rsqrt_inplace(float* x, int64_t n);
 void rsqrt_inplace(double* x, int64_t n);
 
+// Row kernels over a block of `rows` contiguous rows of length C, for long rows
+// (C >= kWideRows), compiled per instruction set like the primitives above. The op
+// files call the dispatchers of softmax_rows.h, which take inline code for short rows.
+//
+// softmax_rows_wide: lse[r] = logsumexp(z[r, :]) (max-shifted: finite for |z| ~ 1e4);
+//   work[r, c] = softmax(z[r, :])_c when normalise, else exp(z[r, c] - max_r);
+//   sums: rows scalars of scratch.
+// project_rows_wide: out[r, c] = noise[r, c] / ||noise[r, :]|| * (prob ? prob[r, c] : 1);
+//   inv: rows scalars of scratch.
+// accumulate_projection_wide: w[r, c] += g[r, c] * noise[r, c] / ||noise[r, :]||; inv: scratch.
+// softmax_backward_rows_wide: out[r, c] = prob[r, c] * (w[r, c] + glse[r] - <w[r, :], prob[r, :]>).
+#define FASTLAND_DECLARE_ROW_KERNELS(T)                                                                         \
+  void softmax_rows_wide(const T* z, int64_t rows, int64_t C, T* work, T* lse, T* sums, bool normalise);       \
+  void project_rows_wide(const T* noise, const T* prob, int64_t rows, int64_t C, T* inv, T* out);             \
+  void accumulate_projection_wide(const T* g, const T* noise, int64_t rows, int64_t C, T* inv, T* w);         \
+  void softmax_backward_rows_wide(const T* prob, const T* w, const T* glse, int64_t rows, int64_t C, T* out);
+FASTLAND_DECLARE_ROW_KERNELS(float)
+FASTLAND_DECLARE_ROW_KERNELS(double)
+#undef FASTLAND_DECLARE_ROW_KERNELS
+
 // Row reductions, inline: 16 independent lanes (vectorised for long rows, and more
 // accurate than one running sum); a plain loop for rows shorter than 16.
 constexpr int64_t kLanes = 16;

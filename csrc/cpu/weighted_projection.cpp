@@ -27,13 +27,6 @@ void check_args(const at::Tensor& logits, const at::Tensor& noise) {
               "noise: expected shape [P, ", logits.size(0), ", ", logits.size(1), "], got ", noise.sizes());
 }
 
-// inv[r] = 1 / ||noise row r|| for `rows` rows of length C (C > 1; C = 1 takes v = 1).
-template <typename T>
-inline void inv_norms(const T* noise, int64_t rows, int64_t C, T* inv) {
-  for (int64_t r = 0; r < rows; ++r) inv[r] = row_dot(noise + r * C, noise + r * C, C);
-  rsqrt_inplace(inv, rows);
-}
-
 template <typename T>
 void forward_impl(const T* z, const T* noise, T* cot, T* lse, int64_t P, int64_t B, int64_t C, bool softmax) {
   const int64_t block = rows_per_block(C);
@@ -53,19 +46,8 @@ void forward_impl(const T* z, const T* noise, T* cot, T* lse, int64_t P, int64_t
           for (int64_t r = 0; r < rows; ++r) out0[r] = T(1);
           continue;
         }
-        const T* n0 = noise + off0;
-        inv_norms(n0, rows, C, inv.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* nr = n0 + r * C;
-          T* out = out0 + r * C;
-          const T s = inv[r];
-          if (softmax) {
-            const T* pr = prob.data() + r * C;
-            for (int64_t c = 0; c < C; ++c) out[c] = nr[c] * s * pr[c];
-          } else {
-            for (int64_t c = 0; c < C; ++c) out[c] = nr[c] * s;
-          }
-        }
+        project_rows(noise + off0, softmax ? prob.data() : static_cast<const T*>(nullptr), rows, C, inv.data(),
+                     out0);
       }
     }
   });
@@ -103,23 +85,9 @@ void backward_impl(const T* gcot, const T* glse, const T* z, const T* noise, T* 
           for (int64_t r = 0; r < rows; ++r) w[r] += g0[r];
           continue;
         }
-        const T* n0 = noise + off0;
-        inv_norms(n0, rows, C, inv.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* nr = n0 + r * C;
-          const T* gr = g0 + r * C;
-          T* wr = w.data() + r * C;
-          const T s = inv[r];
-          for (int64_t c = 0; c < C; ++c) wr[c] += gr[c] * nr[c] * s;
-        }
+        accumulate_projection(g0, noise + off0, rows, C, inv.data(), w.data());
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* pr = prob.data() + r * C;
-        const T* wr = w.data() + r * C;
-        const T shift = glse[r0 + r] - row_dot(wr, pr, C);
-        T* out = gz + (r0 + r) * C;
-        for (int64_t c = 0; c < C; ++c) out[c] = pr[c] * (wr[c] + shift);
-      }
+      softmax_backward_rows(prob.data(), w.data(), glse + r0, rows, C, gz + r0 * C);
     }
   });
 }
