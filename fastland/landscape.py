@@ -353,7 +353,9 @@ def _prefers_channels_last(model: nn.Module, x: Tensor) -> bool:
 
 
 def _synthesize(h0: Tensor, hu: Tensor, hv: Tensor, a: Tensor, b: Tensor, channels_last: bool) -> Tensor:
-    """Grid points ``h0 + a·hu + b·hv`` flattened to ``[n·g, *H]``, channels-last when asked and 4-D.
+    """Grid points ``h0 + a·hu + b·hv`` flattened to ``[n·g, *H]``, channels-last when asked,
+    4-D and of more than one channel (with one channel the layout gained nothing for the
+    forward and slowed the input gradient of LeNet's first convolution).
 
     For channels-last the operands are permuted to ``[n, H, W, C]`` first, so
     that :func:`fastland.ops.grid_combine` writes the points directly in that
@@ -362,7 +364,7 @@ def _synthesize(h0: Tensor, hu: Tensor, hv: Tensor, a: Tensor, b: Tensor, channe
     Args:
         h0, hu, hv: ``[n, *H]``; a, b: ``[g]``.
     """
-    if not (channels_last and h0.dim() == 4):
+    if not (channels_last and h0.dim() == 4 and h0.shape[1] > 1):
         return ops.grid_combine(h0, hu, hv, a, b).flatten(0, 1)
     nhwc = [t.permute(0, 2, 3, 1).contiguous() for t in (h0, hu, hv)]
     out = ops.grid_combine(nhwc[0], nhwc[1], nhwc[2], a, b)  # [n, g, H, W, C]
