@@ -157,11 +157,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lam=args.lam, estimator=args.estimator, n_proj=args.n_proj, at_eps=args.at_eps,
         at_alpha=args.at_alpha, at_steps=args.at_steps, seed=args.seed, train_size=args.train_size)
     out = args.out or f"runs/{args.dataset}-{args.model}-{args.defence}"
-    r = train(cfg, out, data_dir=args.data_dir, download=args.download, resume=args.resume,
-              stop_after=args.stop_after, device=args.device, progress=not args.no_progress)
+    try:
+        r = train(cfg, out, data_dir=args.data_dir, download=args.download, resume=args.resume,
+                  stop_after=args.stop_after, device=args.device, progress=not args.no_progress)
+    finally:
+        _leave_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     last = r.metrics[-1] if r.metrics else {}
     print(json.dumps({"out": str(r.out_dir), "epochs_done": r.epochs_done, "complete": r.complete, **last}))
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the torchrun process group that training joined (if any)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _evaluate_parser(sub: Any) -> None:
