@@ -252,3 +252,20 @@ def test_grid_relative_loglik_empty_shapes(backend):
 def test_grid_relative_loglik_bad_arguments_are_clear_errors(logits, base, err, match):
     with pytest.raises(err, match=match):
         grid_relative_loglik(logits, base)
+
+
+def test_grid_relative_loglik_short_rows_in_simd_lanes(monkeypatch):
+    """The C++ kernel takes float rows of C <= 16 sixteen at a time (AVX-512 lanes where the
+    CPU has them): full groups, partial tails and C just past the limit, with ±1e4 logits."""
+    _skip_unavailable("cpp")
+    monkeypatch.setenv("FASTLAND_BACKEND", "cpp")
+    for C in (1, 2, 7, 15, 16, 17):
+        for G in (15, 16, 17, 33):
+            logits = torch.randn(2, G, C) * 4
+            logits.view(-1)[::5] += 1e4
+            logits.view(-1)[::3] -= 1e4
+            base = torch.randn(2)
+            out = grid_relative_loglik(logits, base)
+            ref = grid_relative_loglik_ref(logits, base)
+            ref64 = grid_relative_loglik_ref(logits.double(), base.double())
+            assert_close_to_reference(out, ref, ref64, atol=4 * torch.finfo(torch.float32).eps * 1e4)

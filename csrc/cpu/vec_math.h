@@ -43,6 +43,13 @@ FASTLAND_DECLARE_ROW_KERNELS(float)
 FASTLAND_DECLARE_ROW_KERNELS(double)
 #undef FASTLAND_DECLARE_ROW_KERNELS
 
+// logsumexp of short rows (C <= kShortRows), float, 16 rows at a time in the lanes of
+// AVX-512 registers: lse[r] for r < the returned count (a multiple of 16, 0 when the
+// CPU lacks AVX-512 or C is too long); the caller finishes the remaining rows.
+constexpr int64_t kShortRows = 16;
+int64_t lse_short_rows(const float* z, int64_t rows, int64_t C, float* lse);
+inline int64_t lse_short_rows(const double*, int64_t, int64_t, double*) { return 0; }
+
 // Row reductions, inline: 16 independent lanes (vectorised for long rows, and more
 // accurate than one running sum); a plain loop for rows shorter than 16.
 constexpr int64_t kLanes = 16;
