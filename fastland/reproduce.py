@@ -165,7 +165,8 @@ def findings(results: Dict[str, Dict[str, Any]]) -> List[Tuple[str, bool]]:
         out.append(("no defence sits near 0% PGD accuracy (< 5%)", pgd["none"] < 5))
     if len(have) > 1:
         spread = max(clean.values()) - min(clean.values())
-        out.append((f"clean accuracies within a few points of each other (spread {spread:.1f} ≤ 5)", spread <= 5))
+        out.append((f"clean accuracies within a few points of each other (max − min ≤ 5 points; "
+                    f"ours {spread:.1f})", spread <= 5))
     return out
 
 
@@ -218,10 +219,15 @@ def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[s
 
 def _eval_text(s: EvalSettings) -> str:
     n = lambda v: "all" if v is None else str(v)  # noqa: E731
-    grid = ", ".join(f"{k}={getattr(s, k)}" for k in ("phi_dirs", "phi_span", "phi_steps") if getattr(s, k) is not None)
+    from .landscape import FLATNESS_DIRS, FLATNESS_SPAN, FLATNESS_STEPS
+
+    dirs = s.phi_dirs or FLATNESS_DIRS
+    span = FLATNESS_SPAN if s.phi_span is None else s.phi_span
+    steps = s.phi_steps or FLATNESS_STEPS
     return (f"PGD-{s.steps} L∞ ε={s.eps * 255:.3g}/255 α={s.alpha * 255:.3g}/255 with random start on "
-            f"{n(s.n_pgd)} test images; clean accuracy on {n(s.n_clean)}; Φ ({s.reduction} over the grid"
-            f"{', ' + grid if grid else ', fastland.flatness defaults'}) on {n(s.n_phi)} test images.")
+            f"{n(s.n_pgd)} test images; clean accuracy on {n(s.n_clean)}; Φ = {s.reduction} of AMS scores over a "
+            f"{steps}×{steps} grid of half-width {span * 255:.3g}/255 along {dirs} random signed direction "
+            f"pair(s), averaged over pairs, on {n(s.n_phi)} test images.")
 
 
 def reproduce(

@@ -41,7 +41,7 @@ def test_findings_fail_when_the_order_is_wrong():
     assert not got["no defence sits near 0% PGD accuracy (< 5%)"]
     assert not got["amsreg is far more robust than no defence (PGD acc. +10 points or more)"]
     assert not any("jacobian" in k for k in got)  # not run, not judged
-    assert not got["clean accuracies within a few points of each other (spread 10.0 ≤ 5)"]
+    assert not got["clean accuracies within a few points of each other (max − min ≤ 5 points; ours 10.0)"]
 
 
 def test_run_specs_use_the_papers_strengths_and_the_sweep():
