@@ -11,7 +11,7 @@ Groups (each with one baseline; ratios are time ÷ baseline):
 * ``landscape-{lenet,ddnet}-loop``: one sample, 41×41 grid: the per-point
   loop (``reference.landscape_ref``) [baseline] against ``fastland.landscape``
   (a per-point loop over 16 samples would take over ten minutes here).
-* ``flatness-lenet`` / ``flatness-ddnet``: ``fastland.flatness`` (one
+* ``landscape-flatness-lenet`` / ``landscape-flatness-ddnet``: ``fastland.flatness`` (one
   direction pair, 11×11 grid; unfused and fused) against a batched
   forward+backward (input gradients of log p) over the same precomputed
   points [baseline].
@@ -135,7 +135,7 @@ def test_landscape_vs_loop(benchmark, case, row):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("row", ["batched_forward_backward", "flatness_unfused", "flatness_fused"])
 def test_flatness(benchmark, case, row):
-    benchmark.group = f"flatness-{case}"
+    benchmark.group = f"landscape-flatness-{case}"
     model, x, d1, d2, grid, points = _setup(case, FLAT_STEPS)
     per_call = resolve_batch_size("auto", model, x[:1], backward=True)
     n_points = points.shape[0]
