@@ -322,9 +322,9 @@ def _demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="Fashion-MNIST demo: LeNet-5 without defence vs AMSReg (runs/demo/report.md)",
                        formatter_class=_FMT)
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--epochs", type=_positive_int, default=5, help="epochs per model")
-    p.add_argument("--train-size", type=_positive_int, default=20000,
-                   help="train on a fixed random subset of this size (at most 60 000)")
+    p.add_argument("--epochs", type=_positive_int, default=6, help="epochs per model")
+    p.add_argument("--train-size", type=_positive_int, default=None,
+                   help="train on a fixed random subset of this size (None: all 60 000 images)")
     p.add_argument("--n-eval", type=_positive_int, default=1000, help="test examples for clean and PGD accuracy")
     p.add_argument("--n-phi", type=_positive_int, default=100, help="test examples for Φ")
     p.add_argument("--seed", type=int, default=0, help="seeds training and evaluation")

@@ -26,8 +26,8 @@ DEMO_DEFENCES = {"none": "No defence", "amsreg": "AMSReg (λ = 0.5)"}
 def run_demo(
     out: str | Path = "runs/demo",
     *,
-    epochs: int = 5,
-    train_size: Optional[int] = 20000,
+    epochs: int = 6,
+    train_size: Optional[int] = None,
     n_eval: int = 1000,
     n_phi: int = 100,
     seed: int = 0,
