@@ -46,11 +46,24 @@ WEIGHTS = ("softmax", "uniform")
 # compilation) read: (largest C covered = BLOCK_C, BLOCK_B rows per program, num_warps),
 # sorted by BLOCK_C. A program holds BLOCK_B x BLOCK_C elements (1024-2048 up to C = 1024:
 # enough programs to fill an H100's 132 SMs at B = 4096, C = 10) in registers.
-# Wider rows than the last entry are served by the reference ops.
+# Wider rows than the last entry are served by the reference ops. The widest entry is
+# (8192, 1, 16): a (16384, 1, 16) entry spilled to local memory on sm_80/sm_90 in every
+# dtype (backward) — see `python -m fastland.ops.aot` and benchmarks/notes/triton.md.
 LAUNCH_CONFIGS: Dict[str, Tuple[Tuple[int, int, int], ...]] = {
-    "forward": ((16, 64, 4), (64, 16, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (16384, 1, 16)),
-    "backward": ((16, 64, 4), (64, 16, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (16384, 1, 16)),
+    "forward": ((16, 64, 4), (64, 16, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (8192, 1, 16)),
+    "backward": ((16, 64, 4), (64, 16, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (8192, 1, 16)),
 }
+# float64 rows hold twice the registers: the (8192, 1, 16) entry spills there, so float64
+# stops at C = 4096 (wider float64 rows use the reference ops).
+_FP64_MAX_C = 4096
+
+
+def launch_configs(kind: str, dtype: torch.dtype) -> Tuple[Tuple[int, int, int], ...]:
+    """The entries of ``LAUNCH_CONFIGS[kind]`` that the kernels use for ``dtype`` (spill-free)."""
+    table = LAUNCH_CONFIGS[kind]
+    if dtype == torch.float64:
+        return tuple(c for c in table if c[0] <= _FP64_MAX_C)
+    return table
 # dtypes the Triton kernels take (accumulation: float64 for float64, else float32)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -139,15 +152,17 @@ if triton_available():
         tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
-def _triton_config(kind: str, C: int) -> Tuple[int, int, int]:
-    cfg = pick_config(LAUNCH_CONFIGS[kind], C)
+def _triton_config(kind: str, C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
+    table = launch_configs(kind, dtype)
+    cfg = pick_config(table, C)
     if cfg is None:  # checked by the caller; kept as a clear error for direct launches
-        raise ValueError(f"logits: the Triton kernels take C <= {LAUNCH_CONFIGS[kind][-1][0]}, got C = {C}")
+        raise ValueError(f"logits: the Triton kernels take C <= {table[-1][0]} for {dtype}, got C = {C}")
     return cfg
 
 
 def _triton_serves(logits: Tensor) -> bool:
-    return logits.dtype in TRITON_DTYPES and pick_config(LAUNCH_CONFIGS["forward"], logits.shape[1]) is not None
+    return logits.dtype in TRITON_DTYPES and pick_config(
+        launch_configs("forward", logits.dtype), logits.shape[1]) is not None
 
 
 def weighted_projection_forward_triton(logits: Tensor, noise: Tensor, softmax: bool) -> Tuple[Tensor, Tensor]:
@@ -157,7 +172,7 @@ def weighted_projection_forward_triton(logits: Tensor, noise: Tensor, softmax: b
     lse = logits.new_empty(B)
     if B == 0:
         return cot, lse
-    block_c, block_b, num_warps = _triton_config("forward", C)
+    block_c, block_b, num_warps = _triton_config("forward", C, logits.dtype)
     _weighted_projection_fwd_kernel[(triton.cdiv(B, block_b),)](
         logits, noise, cot, lse, P, B, C,
         SOFTMAX=softmax, ACC_DTYPE=triton_acc_dtype(logits.dtype),
@@ -174,7 +189,7 @@ def weighted_projection_backward_triton(
     grad_logits = torch.empty_like(logits)
     if B == 0:
         return grad_logits
-    block_c, block_b, num_warps = _triton_config("backward", C)
+    block_c, block_b, num_warps = _triton_config("backward", C, logits.dtype)
     _weighted_projection_bwd_kernel[(triton.cdiv(B, block_b),)](
         grad_cot, grad_lse, logits, noise, grad_logits, P, B, C,
         SOFTMAX=softmax, ACC_DTYPE=triton_acc_dtype(logits.dtype),
