@@ -49,8 +49,12 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/latest.json $(PYTEST_ARGS)
-	$(PY) benchmarks/make_table.py benchmarks/latest.json benchmarks/README.md
+	@mkdir -p benchmarks/results
+	@for f in benchmarks/bench_*.py; do t=$$(basename $$f .py); t=$${t#bench_}; \
+	  echo "== $$t"; \
+	  $(PY) -m pytest $$f -q --benchmark-only --benchmark-timer=time.process_time \
+	    --benchmark-json=benchmarks/results/$$t.json $(PYTEST_ARGS) || exit 1; done
+	$(PY) benchmarks/make_table.py benchmarks/results/*.json benchmarks/README.md
 
 clean:
 	rm -rf build *.egg-info fastland/_C*.so

@@ -3,6 +3,10 @@
 Usage::
 
     python benchmarks/make_table.py benchmarks/latest.json benchmarks/README.md
+    python benchmarks/make_table.py ops.json penalties.json ... benchmarks/README.md   # several runs
+
+With several JSON files (one run per topic) their benchmarks are merged; ratios
+are only ever taken within one group, so within one run.
 
 Conventions of the benchmark files (``benchmarks/bench_<topic>.py``):
 
@@ -104,13 +108,26 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(docs: List[dict]) -> dict:
+    """One document from several runs: the first run's header, every run's benchmarks."""
+    out = dict(docs[0])
+    out["benchmarks"] = [b for d in docs for b in d.get("benchmarks", [])]
+    if len(docs) > 1:
+        out["datetime"] = ", ".join(sorted({d.get("datetime", "?")[:16] for d in docs})) + \
+            f" ({len(docs)} runs, one per topic)"
+    return out
+
+
 def main(argv: List[str]) -> int:
-    if len(argv) != 2:
-        print("usage: make_table.py BENCH_JSON README_MD", file=sys.stderr)
+    if len(argv) < 2:
+        print("usage: make_table.py BENCH_JSON [BENCH_JSON ...] README_MD", file=sys.stderr)
         return 2
-    src, dst = argv
-    with open(src) as f:
-        text = render(json.load(f))
+    *srcs, dst = argv
+    docs = []
+    for src in srcs:
+        with open(src) as f:
+            docs.append(json.load(f))
+    text = render(merge(docs))
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)) or ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
