@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "flatness": "landscape",
     "Flatness": "landscape",
     "loglik_histogram": "landscape",
+    "LoglikHistogram": "landscape",
 }
 
 _SUBMODULES = (
