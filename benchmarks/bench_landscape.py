@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fastland import ops, reference
 from fastland._batching import resolve_batch_size
-from fastland.landscape import directions, flatness, grid_coordinates, landscape
+from fastland.landscapes import directions, flatness, grid_coordinates, landscape
 from fastland.models import create
 
 SPAN = 16 / 255

@@ -35,18 +35,18 @@ _EXPORTS: dict[str, str] = {
     "AMSReg": "penalties",
     "JacobianReg": "penalties",
     # landscapes and flatness
-    "directions": "landscape",
-    "fgsm_direction": "landscape",
-    "landscape": "landscape",
-    "Landscape": "landscape",
-    "flatness": "landscape",
-    "Flatness": "landscape",
-    "loglik_histogram": "landscape",
-    "LoglikHistogram": "landscape",
+    "directions": "landscapes",
+    "fgsm_direction": "landscapes",
+    "landscape": "landscapes",
+    "Landscape": "landscapes",
+    "flatness": "landscapes",
+    "Flatness": "landscapes",
+    "loglik_histogram": "landscapes",
+    "LoglikHistogram": "landscapes",
 }
 
 _SUBMODULES = (
-    "attacks", "cli", "data", "energy", "landscape", "models", "ops", "penalties",
+    "attacks", "cli", "data", "energy", "landscapes", "models", "ops", "penalties",
     "plot", "reference", "testing", "train",
 )
 

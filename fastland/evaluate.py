@@ -121,7 +121,7 @@ def pgd_accuracy(
 def flatness_of(model: nn.Module, x: Tensor, s: EvalSettings, *, progress: bool = False) -> Dict[str, float]:
     """Φ of ``model`` on ``x [N, *S]`` (:func:`fastland.flatness`), as
     ``{"phi": mean φ, "phi_stderr": its standard error}``."""
-    from .landscape import flatness
+    from .landscapes import flatness
 
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev)

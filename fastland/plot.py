@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .landscape import Landscape, LoglikHistogram
+from .landscapes import Landscape, LoglikHistogram
 
 __all__ = [
     "save_figure",

@@ -219,7 +219,7 @@ def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[s
 
 def _eval_text(s: EvalSettings) -> str:
     n = lambda v: "all" if v is None else str(v)  # noqa: E731
-    from .landscape import FLATNESS_DIRS, FLATNESS_SPAN, FLATNESS_STEPS
+    from .landscapes import FLATNESS_DIRS, FLATNESS_SPAN, FLATNESS_STEPS
 
     dirs = s.phi_dirs or FLATNESS_DIRS
     span = FLATNESS_SPAN if s.phi_span is None else s.phi_span
@@ -297,7 +297,7 @@ def landscape_figure(models: Dict[str, nn.Module], x: Tensor, y: Tensor, path: s
         the written figure paths.
     """
     from . import plot
-    from .landscape import landscape
+    from .landscapes import landscape
 
     kw: Dict[str, Any] = {"directions": directions, "progress": False}
     if span is not None:
@@ -329,7 +329,7 @@ def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
                   steps: Optional[int] = None) -> List[str]:
     """Figs. 1, 3, 4, 5 (and 2 when a sweep was trained) into ``out``; returns the PNG paths."""
     from . import plot
-    from .landscape import loglik_histogram
+    from .landscapes import loglik_histogram
 
     x, y = test
     main = {s.label: models[s.name] for s in specs if s.main}

@@ -12,7 +12,7 @@ from fastland.data import synthetic_dataset
 from fastland.evaluate import (
     EvalSettings, accuracy, default_eval_settings, evaluate, flatness_of, pgd_accuracy,
 )
-from fastland.landscape import flatness
+from fastland.landscapes import flatness
 from fastland.testing import tiny_cnn
 
 SHAPE = (1, 6, 6)

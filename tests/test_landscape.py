@@ -26,7 +26,7 @@ from fastland import reference
 from fastland._fusion import split_first_layer
 from fastland._runner import sample_generator
 from fastland.energy import ams_score
-from fastland.landscape import (
+from fastland.landscapes import (
     Flatness,
     directions,
     fgsm_direction,
@@ -275,7 +275,7 @@ def test_fuse_true_on_unfusable_model_raises():
 def test_top_level_names():
     model = _model("cnn")
     x = torch.rand(2, 2, 6, 6, dtype=torch.float64)
-    import fastland.landscape  # noqa: F401  (the submodule import must not break the call)
+    import fastland.landscapes  # noqa: F401  (the submodule import must not break the call)
 
     ls = fastland.landscape(model, x, steps=3, span=0.1, progress=False)
     assert isinstance(ls, fastland.Landscape)

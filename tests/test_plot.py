@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastland.landscape import LoglikHistogram, landscape, loglik_histogram
+from fastland.landscapes import LoglikHistogram, landscape, loglik_histogram
 from fastland.testing import tiny_cnn
 
 matplotlib = pytest.importorskip("matplotlib")

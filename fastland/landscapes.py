@@ -24,8 +24,6 @@ linearity that the fusion relies on, and the reference does not clip).
 from __future__ import annotations
 
 import math
-import sys
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -863,21 +861,3 @@ def loglik_histogram(
     if not clean:
         raise ValueError("data: expected at least one sample, got none")
     return LoglikHistogram(torch.cat(clean), torch.cat(perturbed), float(eps), kind)
-
-
-# --------------------------------------------------------------------------- top-level name clash
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`landscape`.
-
-    ``fastland.landscape`` is both this submodule and the exported function:
-    importing the submodule rebinds the package attribute to the module
-    (Python's import system does ``setattr(fastland, "landscape", module)``),
-    so ``fastland.landscape(model, x)`` must work on the module too.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Landscape:
-        return landscape(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
