@@ -18,16 +18,7 @@ BATCH, STEPS, EPS = 64, 5, 25 / 255
 ALPHA = 2.5 * EPS / STEPS
 
 
-@pytest.fixture(autouse=True)
-def one_thread(benchmark):
-    """Time on one intra-op thread, restored afterwards: on the shared 2-core box a
-    2-thread OpenMP region stalls whenever the other core is busy, which turned
-    timings bimodal (see the notes). Recorded in extra_info["threads"]."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    benchmark.extra_info["threads"] = 1
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def textbook_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -19,21 +19,11 @@ from fastland import data
 
 BATCH = 128
 
-
-@pytest.fixture(autouse=True)
-def one_thread(benchmark):
-    """Time on one intra-op thread, restored afterwards: on the shared 2-core box a
-    2-thread OpenMP region stalls whenever the other core is busy, which turned
-    timings bimodal (see the notes). Recorded in extra_info["threads"]."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    benchmark.extra_info["threads"] = 1
-    yield
-    torch.set_num_threads(before)
-pytestmark = pytest.mark.skipif(
-    not (data.DEBIAN_FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Debian's dataset-fashion-mnist is not installed",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not (data.DEBIAN_FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                       reason="Debian's dataset-fashion-mnist is not installed"),
+]
 
 
 @pytest.fixture(scope="module")

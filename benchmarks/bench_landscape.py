@@ -43,14 +43,7 @@ CASES: Dict[str, Tuple[str, str, int]] = {  # name -> (model, dataset, samples)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Time with one intra-op thread: the 2 cores are shared with other sessions, and
-    two OpenMP threads pre-empted at barriers made repeated runs vary by ±30%."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(case: str, steps: int, n_samples: Optional[int] = None):

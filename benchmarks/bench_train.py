@@ -13,19 +13,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastland import models
-from fastland.train import TrainConfig, _epoch_indices, _Dist, defence_loss
+from fastland.train import TrainConfig, _epoch_indices, _Dist, train_step
 
 N, BATCH = 10_000, 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread(benchmark):
-    """One intra-op thread (the shared 2-core box makes 2-thread timings bimodal)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    benchmark.extra_info["threads"] = 1
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +78,7 @@ def test_step(benchmark, data, defence, extra):
     xb, yb = data[0][:BATCH], data[1][:BATCH]
 
     def step() -> float:
-        loss, _, _, _ = defence_loss(model, xb, yb, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        return float(train_step(model, xb, yb, cfg, opt, gen)[0].detach())
 
     benchmark.group = "train-step-lenet-b128"
     if defence == "none":

@@ -15,3 +15,16 @@ def _record_versions(request):
     if bm is not None and hasattr(bm, "extra_info"):
         bm.extra_info.setdefault("torch", torch.__version__)
         bm.extra_info.setdefault("threads", torch.get_num_threads())
+
+
+@pytest.fixture
+def one_thread(benchmark):
+    """Time on one intra-op thread, restored afterwards: on the shared 2-core box a
+    2-thread OpenMP region stalls whenever the other core is busy, which turned
+    timings bimodal (see the notes). Recorded in extra_info["threads"].
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    benchmark.extra_info["threads"] = 1
+    yield
+    torch.set_num_threads(before)

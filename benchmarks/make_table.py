@@ -21,12 +21,12 @@ Conventions of the benchmark files (``benchmarks/bench_<topic>.py``):
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
+
+from fastland._io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -128,10 +128,7 @@ def main(argv: List[str]) -> int:
         with open(src) as f:
             docs.append(json.load(f))
     text = render(merge(docs))
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, dst)
+    atomic_write_text(dst, text)
     print(f"wrote {dst}")
     return 0
 

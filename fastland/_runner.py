@@ -22,8 +22,6 @@ so a result never depends on how samples were batched, sharded or resumed.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
@@ -33,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ._io import atomic_torch_save as atomic_save
 from ._progress import progress_bar
 
 __all__ = ["DataLike", "is_data", "iter_batches", "run_resumable", "sample_generator",
@@ -53,21 +52,6 @@ def sample_generator(seed: int, index: int, device: Union[str, torch.device]) ->
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 2**32 + int(index)) % 2**63)
     return g
-
-
-def atomic_save(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- data access

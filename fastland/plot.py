@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
@@ -23,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ._io import atomic_file
 from .landscapes import Landscape, LoglikHistogram
 
 __all__ = [
@@ -56,16 +56,8 @@ def save_figure(fig: Figure, path: Paths, *, dpi: int = 150) -> None:
         fmt = p.suffix.lower().lstrip(".")
         if fmt not in FORMATS:
             raise ValueError(f"path: expected a .png or .pdf file name, got {str(p)!r}")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".{fmt}", dir=p.parent)
-        os.close(fd)
-        try:
+        with atomic_file(p, suffix=f".{fmt}") as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
-            os.replace(tmp, p)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
 
 # --------------------------------------------------------------------------- landscapes

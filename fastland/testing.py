@@ -5,13 +5,16 @@ extensions against fastland's references.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 __all__ = [
     "devices",
+    "BACKENDS",
+    "backend_unavailable",
+    "skip_if_unavailable",
     "TOLERANCES",
     "tolerance",
     "tiny_mlp",
@@ -27,6 +30,37 @@ def devices() -> List[torch.device]:
     if torch.cuda.is_available():
         out.append(torch.device("cuda"))
     return out
+
+
+# The kernel backends a fused op can run on (``FASTLAND_BACKEND``).
+BACKENDS: Tuple[str, ...] = ("cpp", "triton", "reference")
+
+
+def backend_unavailable(backend: str) -> Optional[str]:
+    """Why ``backend`` cannot run here (a one-line reason), or None when it can.
+
+    ``cpp`` needs the built extension ``fastland._C``; ``triton`` needs triton
+    and, without a GPU, the interpreter (``TRITON_INTERPRET=1``).
+    """
+    from . import _ext
+    from .ops.utils import triton_available, triton_interpreted
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "cpp" and not _ext.extension_available():
+        return "fastland._C not built"
+    if backend == "triton" and not (triton_available() and triton_interpreted()):
+        return "triton interpreter not available"
+    return None
+
+
+def skip_if_unavailable(backend: str) -> None:
+    """``pytest.skip`` the calling test when ``backend`` cannot run here."""
+    reason = backend_unavailable(backend)
+    if reason is not None:
+        import pytest
+
+        pytest.skip(reason)
 
 
 # (atol, rtol) per dtype for kernels held to a float64 reference.

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._io import atomic_torch_save, atomic_write_bytes, atomic_write_text
+
 __all__ = [
     "DEFENCES",
     "PaperSettings",
@@ -45,6 +46,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "defence_loss",
+    "train_step",
     "fit",
     "train",
     "build_model",
@@ -242,46 +244,48 @@ def defence_loss(
     return ce, ce, ce.new_zeros(()), logits
 
 
-# --------------------------------------------------------------------------- atomic files
+def train_step(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    generator: Optional[torch.Generator] = None,
+    *,
+    attack_model: Optional[nn.Module] = None,
+    params: Optional[List[Tensor]] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One optimiser step on :func:`defence_loss`: zero the gradients, backward, step.
 
+    The backward pass accumulates into the parameters only
+    (``loss.backward(inputs=params)``): the Jacobian and AMSReg objectives
+    differentiate with respect to a copy of ``x``, whose gradient nobody needs.
 
-def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    Args:
+        model: in train mode (or its DDP wrapper); ``[B, *S]`` to logits ``[B, C]``.
+        x: ``[B, *S]`` inputs in [0, 1]; y: ``[B]`` int64 labels.
+        config: a :meth:`TrainConfig.resolved` config.
+        optimizer: over ``model``'s parameters.
+        generator: see :func:`defence_loss`; attack_model: see :func:`defence_loss`.
+        params: the tensors to differentiate (default: ``model``'s parameters
+            that require grad; pass the list once per epoch to save rebuilding it).
+    Returns:
+        ``(loss, ce, penalty, logits)`` as :func:`defence_loss` returns them.
 
+    Example::
 
-def atomic_write_text(path: os.PathLike | str, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: os.PathLike | str) -> None:
-    """``torch.save`` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        cfg = TrainConfig(model="lenet", dataset="fmnist", defence="amsreg").resolved()
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+        for x, y in loader:
+            loss, ce, penalty, logits = train_step(model, x, y, cfg, opt)
+    """
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    loss, ce, penalty, logits = defence_loss(model, x, y, config, generator, attack_model)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)
+    optimizer.step()
+    return loss, ce, penalty, logits
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -631,13 +635,11 @@ def _train_epoch(
     batches = [order[i:i + c.batch_size] for i in range(0, order.numel(), c.batch_size)]
     tot_loss = tot_ce = tot_pen = 0.0
     correct = count = 0
+    params = [p for p in net.parameters() if p.requires_grad]
     bar = _progress(batches, show, desc=f"epoch {epoch + 1}/{c.epochs} [{c.defence}]", unit="batch")
     for idx in bar:
         x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)
-        loss, ce, pen, logits = defence_loss(net, x, y, c, gen, attack_model=model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, ce, pen, logits = train_step(net, x, y, c, opt, gen, attack_model=model, params=params)
         b = y.shape[0]
         tot_loss += float(loss.detach()) * b
         tot_ce += float(ce.detach()) * b

@@ -11,3 +11,24 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["cpp", "triton", "reference"])
+def backend(request, monkeypatch) -> str:
+    """Each kernel backend in turn (``FASTLAND_BACKEND``), skipped where it cannot run."""
+    from fastland.testing import skip_if_unavailable
+
+    skip_if_unavailable(request.param)
+    monkeypatch.setenv("FASTLAND_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while a test runs (restored after): on the shared 2-core box,
+    2-thread OpenMP regions stall behind other processes (10-15x slower).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

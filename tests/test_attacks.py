@@ -18,14 +18,7 @@ SHAPE = (1, 8, 8)
 N_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread while this file's tests run (restored after): on the shared
-    2-core box, 2-thread OpenMP regions stall behind other processes (10-15x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def trained() -> tuple:
     x, y = synthetic_dataset(256, SHAPE, N_CLASSES, seed=0).tensors
     model = tiny_cnn(1, N_CLASSES, size=8)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    threads = torch.get_num_threads()  # set up before the function-scoped _one_thread
+    threads = torch.get_num_threads()  # set up before the function-scoped one_thread
     torch.set_num_threads(1)
     try:
         for _ in range(60):

@@ -17,14 +17,8 @@ from fastland import data
 from fastland.data import DataCorruptError, DataNotFoundError, load_dataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread while this file's tests run (restored after): on the shared
-    2-core box, 2-thread OpenMP regions stall behind other processes (10-15x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 FMNIST_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import fastland
 from fastland import reference
 from fastland._fusion import split_first_layer
 from fastland._runner import sample_generator

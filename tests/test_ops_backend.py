@@ -11,15 +11,9 @@ import torch
 
 from fastland import _ext
 from fastland.ops import backend_for, grid_combine, grid_relative_loglik, weighted_projection
-from fastland.ops.utils import triton_available, triton_interpreted
+from fastland.ops.utils import triton_available
 from fastland.reference import grid_combine_ref, grid_relative_loglik_ref, weighted_projection_ref
-
-
-def _skip_unavailable(backend: str) -> None:
-    if backend == "cpp" and not _ext.extension_available():
-        pytest.skip("fastland._C not built")
-    if backend == "triton" and not (triton_available() and triton_interpreted()):
-        pytest.skip("triton interpreter not available")
+from fastland.testing import skip_if_unavailable
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -35,7 +29,7 @@ def test_auto_uses_the_cpp_kernels_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("value", ["reference", "REFERENCE", " cpp "])
 def test_explicit_backends(monkeypatch, value):
-    _skip_unavailable("cpp")
+    skip_if_unavailable("cpp")
     monkeypatch.setenv("FASTLAND_BACKEND", value)
     assert backend_for(torch.zeros(1)) == value.strip().lower()
 
@@ -124,7 +118,7 @@ def _op_samples():
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_opcheck(monkeypatch, backend):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of each op."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     monkeypatch.setenv("FASTLAND_BACKEND", backend)
     for op, args in _op_samples():
         torch.library.opcheck(
@@ -134,7 +128,7 @@ def test_opcheck(monkeypatch, backend):
 
 def test_opcheck_triton(monkeypatch):
     """The Triton path under the interpreter, fake-tensor and autograd-registration checks."""
-    _skip_unavailable("triton")
+    skip_if_unavailable("triton")
     monkeypatch.setenv("FASTLAND_BACKEND", "triton")
     for op, args in _op_samples():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
@@ -156,7 +150,7 @@ def test_fake_tensors_give_shapes_without_computing():
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_torch_compile_fullgraph_traces_every_op(monkeypatch, backend):
     """One function using all three ops, forward and backward, compiled with fullgraph=True."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     monkeypatch.setenv("FASTLAND_BACKEND", backend)
     torch._dynamo.reset()
 
@@ -194,7 +188,7 @@ def test_torch_compile_fullgraph_traces_every_op(monkeypatch, backend):
 @pytest.mark.slow
 def test_torch_compile_inductor(monkeypatch):
     """The default (inductor) backend also compiles a function using the ops (slow: C++ codegen)."""
-    _skip_unavailable("cpp")
+    skip_if_unavailable("cpp")
     monkeypatch.setenv("FASTLAND_BACKEND", "cpp")
     torch._dynamo.reset()
 

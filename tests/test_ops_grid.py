@@ -13,13 +13,10 @@ import math
 import pytest
 import torch
 
-from fastland import _ext
 from fastland.ops import grid_combine, grid_combine_backward, grid_relative_loglik
-from fastland.ops.utils import triton_available, triton_interpreted
 from fastland.reference import grid_combine_ref, grid_relative_loglik_ref
-from fastland.testing import assert_close_to_reference, tolerance
+from fastland.testing import assert_close_to_reference, skip_if_unavailable, tolerance
 
-BACKENDS = ("cpp", "triton", "reference")
 DTYPES = (torch.float32, torch.float64)
 
 # grid_combine: (N, G, S); grid_relative_loglik: (N, G, C)
@@ -28,20 +25,6 @@ COMBINE_FULL = [(n, g, s) for n, g, s in itertools.product((1, 3), (1, 5, 441), 
 COMBINE_TRITON = [(1, 1, (7,)), (3, 5, (3, 5, 5)), (2, 441, (3,))]
 LOGLIK_FULL = list(itertools.product((1, 7), (1, 5, 441), (1, 3, 10, 100, 1000)))
 LOGLIK_TRITON = [(1, 1, 1), (7, 5, 3), (2, 441, 10), (3, 5, 100), (1, 5, 1000)]
-
-
-def _skip_unavailable(backend: str) -> None:
-    if backend == "cpp" and not _ext.extension_available():
-        pytest.skip("fastland._C not built")
-    if backend == "triton" and not (triton_available() and triton_interpreted()):
-        pytest.skip("triton interpreter not available")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch) -> str:
-    _skip_unavailable(request.param)
-    monkeypatch.setenv("FASTLAND_BACKEND", request.param)
-    return request.param
 
 
 def _combine_inputs(N, G, S, dtype, requires_grad=False):
@@ -257,7 +240,7 @@ def test_grid_relative_loglik_bad_arguments_are_clear_errors(logits, base, err, 
 def test_grid_relative_loglik_short_rows_in_simd_lanes(monkeypatch):
     """The C++ kernel takes float rows of C <= 16 sixteen at a time (AVX-512 lanes where the
     CPU has them): full groups, partial tails and C just past the limit, with ±1e4 logits."""
-    _skip_unavailable("cpp")
+    skip_if_unavailable("cpp")
     monkeypatch.setenv("FASTLAND_BACKEND", "cpp")
     for C in (1, 2, 7, 15, 16, 17):
         for G in (15, 16, 17, 33):

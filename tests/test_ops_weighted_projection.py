@@ -12,33 +12,16 @@ import itertools
 import pytest
 import torch
 
-from fastland import _ext
 from fastland.ops import weighted_projection
-from fastland.ops.utils import triton_available, triton_interpreted
 from fastland.reference import weighted_projection_ref
 from fastland.testing import assert_close_to_reference, tolerance
 
-BACKENDS = ("cpp", "triton", "reference")
 DTYPES = (torch.float32, torch.float64)
 # (B, C, P): every value of each axis of the grid, capped at 60k elements per
 # case to keep the file fast; the largest shapes are covered by one forward case.
 FULL_GRID = [c for c in itertools.product((1, 7, 513), (1, 3, 10, 100, 1000), (1, 4)) if c[0] * c[1] * c[2] <= 60_000]
 LARGE_CASE = (513, 1000, 4)
 TRITON_GRID = [(1, 1, 1), (7, 3, 4), (513, 10, 4), (7, 100, 1), (7, 1000, 4)]
-
-
-def _skip_unavailable(backend: str) -> None:
-    if backend == "cpp" and not _ext.extension_available():
-        pytest.skip("fastland._C not built")
-    if backend == "triton" and not (triton_available() and triton_interpreted()):
-        pytest.skip("triton interpreter not available")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch) -> str:
-    _skip_unavailable(request.param)
-    monkeypatch.setenv("FASTLAND_BACKEND", request.param)
-    return request.param
 
 
 def _cases(backend: str, large: bool = False):

@@ -20,7 +20,7 @@ from fastland.data import synthetic_dataset
 from fastland.reference import amsreg_penalty_ref, jacobian_penalty_ref
 from fastland.testing import tiny_cnn, tiny_mlp
 from fastland.train import (
-    DEFENCES, TrainConfig, defence_loss, fit, load_data, load_trained, paper_settings, train,
+    DEFENCES, TrainConfig, defence_loss, fit, load_data, load_trained, paper_settings, train, train_step,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +121,33 @@ def test_adversarial_loss_is_ce_on_the_pgd_example():
     assert float(pen) == 0.0
     assert loss.detach() > F.cross_entropy(model(x), y).detach()  # the attack raised the loss
     assert model.training  # the attack restored the mode
+
+
+@pytest.mark.parametrize("defence", DEFENCES)
+def test_train_step_equals_a_plain_backward_and_step(defence):
+    """train_step's backward(inputs=params) gives the parameters the same update
+    as loss.backward() over everything, and leaves no gradient on the input."""
+    x, y = _data(12)
+    x = x.double()
+    c = _cfg(defence=defence, lam=0.3, estimator="exact", at_eps=0.1).resolved()
+    torch.manual_seed(4)
+    a = tiny_cnn(1, 3, 6).double()
+    b = tiny_cnn(1, 3, 6).double()
+    b.load_state_dict(a.state_dict())
+    init = {k: v.clone() for k, v in a.state_dict().items()}
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for step in range(2):
+        loss_a, _, _, _ = train_step(a, x, y, c, opt_a, torch.Generator().manual_seed(step))
+        loss_b, _, _, _ = defence_loss(b, x, y, c, torch.Generator().manual_seed(step))
+        opt_b.zero_grad(set_to_none=True)
+        loss_b.backward()
+        opt_b.step()
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-12, msg=name)
+        assert not torch.equal(pa, init[name]), f"{name} did not move"
+    assert x.grad is None
 
 
 @pytest.mark.parametrize("defence", DEFENCES)

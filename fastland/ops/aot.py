@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from .._io import atomic_write_text
+
 __all__ = [
     "TARGETS",
     "DEFAULT_DTYPES",
@@ -737,26 +739,12 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".aot-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _emit(path: str, text: str) -> None:
     """``text`` to stdout when ``path`` is ``"-"``, else atomically to the file ``path``."""
     if path == "-":
         print(text)
     else:
-        _write_atomic(path, text)
+        atomic_write_text(path, text)
 
 
 def _failure_message(rows: Sequence[Row]) -> str:
