@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastland import models
-from fastland.train import TrainConfig, _epoch_indices, _Dist, train_step
+from fastland.train import TrainConfig, _epoch_indices, _Dist, defence_loss, train_step
 
 N, BATCH = 10_000, 128
 
@@ -83,4 +83,26 @@ def test_step(benchmark, data, defence, extra):
     benchmark.group = "train-step-lenet-b128"
     if defence == "none":
         benchmark.extra_info["baseline"] = True
+    assert torch.isfinite(torch.tensor(benchmark(step)))
+
+
+@pytest.mark.parametrize("defence", ["amsreg", "jacobian"])
+def test_step_backward_all(benchmark, data, defence):
+    """The same step as ``test_step[<defence>-projection]`` but with ``loss.backward()``
+    over every leaf (the input copy included), as before ``train_step``."""
+    torch.manual_seed(0)
+    model = models.create("lenet", "fmnist").train()
+    cfg = TrainConfig(model="lenet", dataset="fmnist", defence=defence, estimator="projection").resolved()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    xb, yb = data[0][:BATCH], data[1][:BATCH]
+
+    def step() -> float:
+        loss = defence_loss(model, xb, yb, cfg, gen)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    benchmark.group = "train-step-lenet-b128"
     assert torch.isfinite(torch.tensor(benchmark(step)))
