@@ -256,17 +256,22 @@ def plot_flatness_vs_accuracy(
     adv_accuracy: Sequence[float],
     *,
     labels: Optional[Sequence[str]] = None,
+    groups: Optional[Sequence[str]] = None,
     title: Optional[str] = None,
     xlabel: str = "Φ flatness (higher is flatter)",
     ylabel: str = "adversarial accuracy (%)",
     path: Paths = None,
 ) -> Figure:
-    """Adversarial accuracy against Φ for a family of models (Fig. 4), points joined in the given order.
+    """Adversarial accuracy against Φ (Fig. 4): one line per family of models.
 
     Args:
         phi: ``Φ`` of each model (e.g. ``[-2066.4, -1055.0]``).
         adv_accuracy: each model's adversarial accuracy (same length).
         labels: a label per point (e.g. ``["ε=2/255", "ε=4/255"]``).
+        groups: a family name per point (e.g. ``["AT", "AT", "Jacobian"]``): points
+            of one family share a colour and a legend entry and are joined in the
+            given order; points of different families are never joined. None: all
+            points are one family, joined in the given order.
         title, xlabel, ylabel: texts.
         path: file(s) to write.
     Returns:
@@ -280,13 +285,21 @@ def plot_flatness_vs_accuracy(
         raise ValueError(f"adv_accuracy: expected {len(xs)} values (one per phi), got {len(ys)}")
     if labels is not None and len(labels) != len(xs):
         raise ValueError(f"labels: expected {len(xs)} labels (one per phi), got {len(labels)}")
+    if groups is not None and len(groups) != len(xs):
+        raise ValueError(f"groups: expected {len(xs)} names (one per phi), got {len(groups)}")
     if not all(math.isfinite(v) for v in xs + ys):
         raise ValueError("phi, adv_accuracy: expected finite numbers")
     fig = Figure(figsize=(4.6, 3.6), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(xs, ys, "-o", color="tab:blue")
+    names = [str(g) for g in groups] if groups is not None else [""] * len(xs)
+    for name in dict.fromkeys(names):  # first-seen order
+        idx = [k for k, g in enumerate(names) if g == name]
+        ax.plot([xs[k] for k in idx], [ys[k] for k in idx], "-o", label=name or None)
     for k, lab in enumerate(labels or []):
         ax.annotate(str(lab), (xs[k], ys[k]), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    ax.margins(x=0.2, y=0.15)  # room for the labels inside the axes
+    if groups is not None:
+        ax.legend(fontsize="small")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -84,12 +84,15 @@ class RunSpec:
     main: bool  # one of the four table rows (else a sweep model)
 
 
+_DEFENCE_NAMES = {"none": "No defence", "at": "AT", "jacobian": "Jacobian", "amsreg": "AMSReg"}
+
+
 def _label(c: TrainConfig) -> str:
+    name = _DEFENCE_NAMES[c.defence]
     if c.defence == "none":
-        return "No defence"
+        return name
     if c.defence == "at":
-        return f"AT (ε = {c.at_eps * 255:.3g}/255)"
-    name = "Jacobian" if c.defence == "jacobian" else "AMSReg"
+        return f"{name} (ε = {c.at_eps * 255:.3g}/255)"
     return f"{name} (λ = {c.lam:.3g})"
 
 
@@ -352,8 +355,10 @@ def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
         hists[label] = loglik_histogram(m, x[:1000].to(dev), generator=gen, progress=False)
     paths += [str(p) for p in _save(plot.plot_loglik_histograms(hists), out / "fig3_histograms.png",
                                     "Fig. 3: log p of clean and randomly perturbed test images")]
-    pts = sorted((results[s.name]["phi"], results[s.name]["pgd_acc"], s.label) for s in specs)
-    fig4 = plot.plot_flatness_vs_accuracy([p[0] for p in pts], [p[1] for p in pts], labels=[p[2] for p in pts],
+    pts = sorted((DEFENCES.index(s.config.defence), results[s.name]["phi"], results[s.name]["pgd_acc"],
+                  s.label, _DEFENCE_NAMES[s.config.defence]) for s in specs)
+    fig4 = plot.plot_flatness_vs_accuracy([p[1] for p in pts], [p[2] for p in pts], labels=[p[3] for p in pts],
+                                          groups=[p[4] for p in pts],
                                           title="Fig. 4: flatness Φ vs PGD accuracy",
                                           ylabel="PGD accuracy (%)")
     paths += [str(p) for p in _save(fig4, out / "fig4_flatness_vs_robustness.png")]

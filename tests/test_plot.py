@@ -89,6 +89,16 @@ def test_flatness_vs_accuracy(tmp_path):
     _assert_pdf(paths[1])
 
 
+def test_flatness_vs_accuracy_joins_points_within_a_family_only():
+    fig = plot.plot_flatness_vs_accuracy([-200.0, -60.0, -50.0, -40.0, -30.0, -12.0], [3.0, 45.0, 56.0, 30.0, 34.0, 40.0],
+                                         groups=["none", "AT", "AT", "Jac", "Jac", "AMSReg"])
+    lines = fig.axes[0].get_lines()
+    assert [len(line.get_xdata()) for line in lines] == [1, 2, 2, 1]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["none", "AT", "Jac", "AMSReg"]
+    with pytest.raises(ValueError, match="groups: expected 2"):
+        plot.plot_flatness_vs_accuracy([1.0, 2.0], [3.0, 4.0], groups=["a"])
+
+
 def test_plot_errors(tmp_path, landscapes):
     with pytest.raises(ValueError, match="path"):
         plot.plot_landscapes(landscapes, path=tmp_path / "fig.jpg")
