@@ -289,7 +289,8 @@ def _reproduce_parser(sub: Any) -> None:
                                    "finished models and resumes unfinished ones.")
     p.add_argument("setting", choices=sorted(CONFIGS), help="data set and architecture")
     p.add_argument("--epochs", type=_positive_int, default=200, help="epochs per model (the paper: 200)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/<setting>-<epochs>ep)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/<setting>-<epochs>ep, with "
+                        "-<train-size>, -b<batch-size>, -seed<seed> appended when set)")
     p.add_argument("--defences", default="none,at,jacobian,amsreg", help="comma-separated subset to train")
     p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset of this size")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="training batch size")
@@ -304,10 +305,11 @@ def _reproduce_parser(sub: Any) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import CONFIGS, reproduce
+    from .reproduce import CONFIGS, default_out, reproduce
 
     defences = tuple(d.strip() for d in args.defences.split(",") if d.strip())
-    out = args.out or f"runs/reproduce/{args.setting}-{args.epochs}ep"
+    out = args.out or default_out(args.setting, args.epochs, train_size=args.train_size,
+                                  batch_size=args.batch_size, seed=args.seed)
     s = _eval_settings(args, CONFIGS[args.setting].dataset, args.seed)
     report = reproduce(args.setting, out, epochs=args.epochs, defences=defences, eval_settings=s,
                        train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, sweep=args.sweep,

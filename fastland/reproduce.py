@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from .evaluate import EvalSettings, default_eval_settings, evaluate
 from .train import DEFENCES, TrainConfig, atomic_write_text, load_data, paper_settings, train
 
-__all__ = ["PaperRow", "Setting", "CONFIGS", "RunSpec", "run_specs", "reproduce", "findings", "landscape_figure"]
+__all__ = ["PaperRow", "Setting", "CONFIGS", "RunSpec", "run_specs", "default_out", "reproduce", "findings",
+           "landscape_figure"]
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,22 @@ def _eval_text(s: EvalSettings) -> str:
             f"{n(s.n_pgd)} test images; clean accuracy on {n(s.n_clean)}; Φ = {s.reduction} of AMS scores over a "
             f"{steps}×{steps} grid of half-width {span * 255:.3g}/255 along {dirs} random signed direction "
             f"pair(s), averaged over pairs, on {n(s.n_phi)} test images.")
+
+
+def default_out(setting: str, epochs: int, *, train_size: Optional[int] = None, batch_size: int = 128,
+                seed: int = 0) -> Path:
+    """The default output folder of a reproduction: ``runs/reproduce/<setting>-<epochs>ep``,
+    with ``-<train_size>`` (``-10k`` for 10 000), ``-b<batch_size>`` and ``-seed<seed>``
+    appended when those differ from the paper's run, so that runs with different
+    training settings never share (and refuse to resume) each other's models."""
+    name = f"{setting}-{epochs}ep"
+    if train_size is not None:
+        name += f"-{train_size // 1000}k" if train_size % 1000 == 0 else f"-{train_size}"
+    if batch_size != 128:
+        name += f"-b{batch_size}"
+    if seed != 0:
+        name += f"-seed{seed}"
+    return Path("runs") / "reproduce" / name
 
 
 def reproduce(

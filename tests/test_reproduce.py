@@ -98,3 +98,13 @@ def test_reproduce_paper_setting_with_missing_data_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataNotFoundError, match="CIFAR-10"):
         rp.reproduce("cifar10-ddnet", tmp_path, epochs=1, data_dir=str(tmp_path / "nothing"), progress=False)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({}, "fmnist-lenet-20ep"),
+    ({"train_size": 10000}, "fmnist-lenet-20ep-10k"),
+    ({"train_size": 1234, "batch_size": 64, "seed": 3}, "fmnist-lenet-20ep-1234-b64-seed3"),
+])
+def test_default_out_separates_runs_with_other_training_settings(kwargs, name):
+    assert rp.default_out("fmnist-lenet", 20, **kwargs).parts == ("runs", "reproduce", name)
+
