@@ -67,15 +67,20 @@ STEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("defence,extra", STEP_CASES,
-                         ids=[f"{d}-{e.get('estimator', 'pgd10' if d == 'at' else 'ce')}" for d, e in STEP_CASES])
-def test_step(benchmark, data, defence, extra):
+def _step_setup(data, defence: str, **extra):
+    """A fresh LeNet-5 in train mode, its resolved config, SGD, a generator and one batch."""
     torch.manual_seed(0)
     model = models.create("lenet", "fmnist").train()
     cfg = TrainConfig(model="lenet", dataset="fmnist", defence=defence, **extra).resolved()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(0)
-    xb, yb = data[0][:BATCH], data[1][:BATCH]
+    return model, cfg, opt, gen, data[0][:BATCH], data[1][:BATCH]
+
+
+@pytest.mark.parametrize("defence,extra", STEP_CASES,
+                         ids=[f"{d}-{e.get('estimator', 'pgd10' if d == 'at' else 'ce')}" for d, e in STEP_CASES])
+def test_step(benchmark, data, defence, extra):
+    model, cfg, opt, gen, xb, yb = _step_setup(data, defence, **extra)
 
     def step() -> float:
         return float(train_step(model, xb, yb, cfg, opt, gen)[0].detach())
@@ -90,12 +95,7 @@ def test_step(benchmark, data, defence, extra):
 def test_step_backward_all(benchmark, data, defence):
     """The same step as ``test_step[<defence>-projection]`` but with ``loss.backward()``
     over every leaf (the input copy included), as before ``train_step``."""
-    torch.manual_seed(0)
-    model = models.create("lenet", "fmnist").train()
-    cfg = TrainConfig(model="lenet", dataset="fmnist", defence=defence, estimator="projection").resolved()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(0)
-    xb, yb = data[0][:BATCH], data[1][:BATCH]
+    model, cfg, opt, gen, xb, yb = _step_setup(data, defence, estimator="projection")
 
     def step() -> float:
         loss = defence_loss(model, xb, yb, cfg, gen)[0]

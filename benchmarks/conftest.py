@@ -6,6 +6,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastland.testing import num_threads  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _record_versions(request):
@@ -23,8 +25,6 @@ def one_thread(benchmark):
     2-thread OpenMP region stalls whenever the other core is busy, which turned
     timings bimodal (see the notes). Recorded in extra_info["threads"].
     Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     benchmark.extra_info["threads"] = 1
-    yield
-    torch.set_num_threads(before)
+    with num_threads(1):
+        yield

@@ -5,7 +5,8 @@ extensions against fastland's references.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ __all__ = [
     "BACKENDS",
     "backend_unavailable",
     "skip_if_unavailable",
+    "num_threads",
     "TOLERANCES",
     "tolerance",
     "tiny_mlp",
@@ -61,6 +63,18 @@ def skip_if_unavailable(backend: str) -> None:
         import pytest
 
         pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, restoring the previous count after
+    (on a shared 2-core box, 2-thread OpenMP regions stall behind other processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # (atol, rtol) per dtype for kernels held to a float64 reference.

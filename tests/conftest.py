@@ -6,6 +6,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastland.testing import BACKENDS, num_threads, skip_if_unavailable  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -13,11 +15,9 @@ def _seed():
     yield
 
 
-@pytest.fixture(params=["cpp", "triton", "reference"])
+@pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
     """Each kernel backend in turn (``FASTLAND_BACKEND``), skipped where it cannot run."""
-    from fastland.testing import skip_if_unavailable
-
     skip_if_unavailable(request.param)
     monkeypatch.setenv("FASTLAND_BACKEND", request.param)
     return request.param
@@ -28,7 +28,5 @@ def one_thread():
     """One intra-op thread while a test runs (restored after): on the shared 2-core box,
     2-thread OpenMP regions stall behind other processes (10-15x slower).
     Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with num_threads(1):
+        yield

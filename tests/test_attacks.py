@@ -12,7 +12,7 @@ from torch import nn
 
 from fastland import attacks
 from fastland.data import synthetic_dataset
-from fastland.testing import devices, tiny_bn_cnn, tiny_cnn
+from fastland.testing import devices, num_threads, tiny_bn_cnn, tiny_cnn
 
 SHAPE = (1, 8, 8)
 N_CLASSES = 4
@@ -28,15 +28,11 @@ def trained() -> tuple:
     x, y = synthetic_dataset(256, SHAPE, N_CLASSES, seed=0).tensors
     model = tiny_cnn(1, N_CLASSES, size=8)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    threads = torch.get_num_threads()  # set up before the function-scoped one_thread
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):  # set up before the function-scoped one_thread
         for _ in range(60):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
-    finally:
-        torch.set_num_threads(threads)
     model.zero_grad(set_to_none=True)
     return model.eval(), x, y
 
