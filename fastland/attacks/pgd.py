@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_in_unit_box, check_same_device, check_tensor
+from .._checks import check_in_unit_box, check_same_device, check_tensor
 
 __all__ = ["fgsm", "pgd", "MODES"]
 
