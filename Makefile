@@ -23,6 +23,8 @@ $(PY):
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install -q -e '.[dev]' --no-build-isolation
+	# torchattacks is the tests' oracle for the strong attacks; its pins (old torch/scipy) conflict, so no deps
+	$(PIP) install -q --no-deps torchattacks scipy
 	@touch $(STAMP)
 
 install: $(STAMP)
