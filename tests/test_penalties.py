@@ -1,4 +1,5 @@
-"""Tests of fastland.penalties: amsreg_loss, jacobian_loss, AMSReg, JacobianReg.
+"""Tests of fastland.penalties: amsreg_loss, jacobian_loss, AMSReg, JacobianReg (values,
+gradients, training, modules; bad input and reliability: test_penalties_inputs.py).
 
 Every value is checked against an independent computation from the full
 per-sample Jacobian (``torch.func.vmap(torch.func.jacrev(...))``), every
@@ -17,10 +18,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import fastland
-from fastland import penalties
+from fastland import _estimators, penalties
 from fastland.penalties import AMSReg, JacobianReg, amsreg_loss, default_fd_step, jacobian_loss
 from fastland.reference import amsreg_penalty_ref, jacobian_penalty_ref, unit_sphere_noise
-from fastland.testing import devices, tiny_bn_cnn, tiny_cnn, tiny_mlp
+from fastland.testing import tiny_bn_cnn, tiny_cnn, tiny_mlp
 
 # --------------------------------------------------------------------------- helpers
 
@@ -173,102 +174,6 @@ def test_prop_3_1_bound(name: str) -> None:
     assert (gn <= C * ex * (1 + 1e-12)).all(), (gn, C * ex)
 
 
-# --------------------------------------------------------------------------- finite difference
-
-
-def test_finite_difference_close_to_gradnorm() -> None:
-    model, x = make("bn_cnn")
-    logits = model(x)
-    gn = amsreg_loss(logits, x, estimator="gradnorm", reduction="none")
-    fd = amsreg_loss(logits, x, estimator="finite_difference", model=model, h=1e-6, reduction="none")
-    torch.testing.assert_close(fd, gn, rtol=1e-4, atol=1e-12)
-
-
-def test_finite_difference_default_step_float32() -> None:
-    """float32 at the default h (1e-2) within 3 % of the float64 gradient norm."""
-    model, x64 = make("cnn")
-    gn = amsreg_loss(model(x64), x64, estimator="gradnorm", reduction="none")
-    model32 = model.float()
-    x32 = x64.detach().float().requires_grad_(True)
-    fd = amsreg_loss(model32(x32), x32, estimator="finite_difference", model=model32, reduction="none")
-    assert default_fd_step(torch.float32) == 1e-2
-    torch.testing.assert_close(fd.double(), gn.detach(), rtol=3e-2, atol=1e-7)
-
-
-class _OnceDiffSoftplus(torch.autograd.Function):
-    """softplus whose backward may run once only (any double backward raises),
-    and which records whether grad mode was on in its backward (it is on
-    exactly when a caller asked for create_graph=True)."""
-
-    backward_grad_modes: list = []
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return F.softplus(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        _OnceDiffSoftplus.backward_grad_modes.append(torch.is_grad_enabled())
-        return _once_diff_backward(ctx, g)
-
-
-@torch.autograd.function.once_differentiable
-def _once_diff_backward(ctx, g: Tensor) -> Tensor:
-    (x,) = ctx.saved_tensors
-    return g * torch.sigmoid(x)
-
-
-class _OnceDiffNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(12, 10), nn.Linear(10, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(_OnceDiffSoftplus.apply(self.fc1(x.flatten(1))))
-
-
-def test_finite_difference_trains_without_double_backward() -> None:
-    model = _OnceDiffNet().double()
-    x0 = torch.rand(7, 3, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (7,))
-    # The op really has no double backward: a double-backward estimator fails.
-    x = x0.clone().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
-        amsreg_loss(model(x), x, estimator="gradnorm").backward()
-
-    def fd_penalty() -> Tensor:
-        x = x0.clone().requires_grad_(True)
-        return amsreg_loss(model(x), x, estimator="finite_difference", model=model)
-
-    before = fd_penalty().item()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    _OnceDiffSoftplus.backward_grad_modes.clear()
-    for _ in range(5):
-        x = x0.clone().requires_grad_(True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y) + 50.0 * amsreg_loss(
-            logits, x, estimator="finite_difference", model=model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # every backward of the op ran with grad mode off: no create_graph, no double backward
-    assert len(_OnceDiffSoftplus.backward_grad_modes) >= 5 * 3
-    assert not any(_OnceDiffSoftplus.backward_grad_modes)
-    assert fd_penalty().item() < before
-
-
-def test_finite_difference_keeps_batchnorm_running_stats() -> None:
-    model = tiny_bn_cnn(n_classes=4, size=5).double().train()
-    x = torch.rand(6, 1, 5, 5, dtype=torch.float64, requires_grad=True)
-    logits = model(x)
-    bn = model[1]
-    after_forward = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
-    amsreg_loss(logits, x, estimator="finite_difference", model=model).backward()
-    for t, ref in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), after_forward):
-        assert torch.equal(t, ref)
-
-
 # --------------------------------------------------------------------------- parameter gradients
 
 
@@ -393,69 +298,73 @@ def test_readme_drop_in_example_runs() -> None:
 # --------------------------------------------------------------------------- modules
 
 
-def test_jacobian_reg_on_fixed_unit_vectors() -> None:
-    """JacobianReg(n)(x, logits) = ½·C·Σ_v ‖vᵀJ‖²/(n·B) (Hoffman et al.)."""
+def hoffman_jacobian_reg(logits: Tensor, x: Tensor, n: int, generator) -> Tensor:
+    """Hoffman et al.'s ``JacobianReg(n).forward(x, y)`` as published (jacobian.py of
+    facebookresearch/jacobian_regularizer), with the unit vectors drawn by ``generator``
+    through :func:`unit_sphere_noise` so that ours can reproduce them; ``n = -1``:
+    the C one-hot vectors. Returns ``½·‖J‖²_F`` (batch mean)."""
+    Bn, C = logits.shape
+    if n == -1:
+        num_proj, vs = C, torch.eye(C, dtype=logits.dtype).unsqueeze(1).expand(C, Bn, C)
+    else:
+        num_proj, vs = n, unit_rows(unit_sphere_noise(n, logits.detach(), generator))
+    J2 = 0.0
+    for ii in range(num_proj):
+        (Jv,) = torch.autograd.grad(logits, x, vs[ii], retain_graph=True, create_graph=True)
+        J2 = J2 + C * torch.norm(Jv) ** 2 / (num_proj * Bn)
+    return 0.5 * J2
+
+
+def test_jacobian_reg_is_twice_hoffman() -> None:
+    """JacobianReg(n_proj)(logits, x) = 2 × Hoffman et al.'s JacobianReg(n)(x, y): the
+    full ‖J‖²_F, so that both modules go into CE + (λ/2)·reg with the paper's λ."""
     model, x = make("mlp")  # C = 7
     logits = model(x)
     z, J = per_sample_jacobian(model, x)
-    Bn, C = z.shape
     for n in (1, 3):
-        got = JacobianReg(n)(x, logits, generator=torch.Generator().manual_seed(9))
-        v = unit_rows(unit_sphere_noise(n, z, torch.Generator().manual_seed(9)))  # [n, B, C]
-        vJ = torch.einsum("nbc,bcd->nbd", v, J)
-        expected = 0.5 * C * vJ.pow(2).sum() / (n * Bn)
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(JacobianReg(-1)(x, logits), 0.5 * J.pow(2).sum() / Bn, rtol=1e-10, atol=1e-14)
+        got = JacobianReg(n)(logits, x, generator=torch.Generator().manual_seed(9))
+        theirs = hoffman_jacobian_reg(logits, x, n, torch.Generator().manual_seed(9))
+        torch.testing.assert_close(got, 2 * theirs, rtol=1e-10, atol=1e-14)
+    exact = JacobianReg(estimator="exact")(logits, x)
+    torch.testing.assert_close(exact, 2 * hoffman_jacobian_reg(logits, x, -1, None), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(exact, J.pow(2).sum() / z.shape[0], rtol=1e-10, atol=1e-14)
+    assert "n_proj=1" in repr(JacobianReg())
 
 
-def test_amsreg_module_equals_function() -> None:
+def test_modules_equal_functions_on_one_scale() -> None:
     model, x = make("cnn")
     logits = model(x)
     for est in ("projection", "exact", "gradnorm"):
-        got = AMSReg(n_proj=2, estimator=est)(x, logits, generator=torch.Generator().manual_seed(1))
+        got = AMSReg(n_proj=2, estimator=est)(logits, x, generator=torch.Generator().manual_seed(1))
         ref = amsreg_loss(logits, x, n_proj=2, estimator=est, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    fd = AMSReg(estimator="finite_difference", h=1e-5)(x, logits, model=model)
+    for est in ("projection", "exact"):
+        got = JacobianReg(n_proj=2, estimator=est)(logits, x, generator=torch.Generator().manual_seed(1))
+        ref = jacobian_loss(logits, x, n_proj=2, estimator=est, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    fd = AMSReg(estimator="finite_difference", h=1e-5)(logits, x, model=model)
     torch.testing.assert_close(fd, amsreg_loss(logits, x, estimator="finite_difference", model=model, h=1e-5))
+    per = AMSReg(estimator="exact", reduction="none")(logits, x)
+    assert per.shape == (B,)
+    torch.testing.assert_close(per.mean(), AMSReg(estimator="exact")(logits, x), rtol=1e-12, atol=0)
     assert "finite_difference" in repr(AMSReg(estimator="finite_difference"))
 
 
-# --------------------------------------------------------------------------- devices, generators, autocast
+def test_one_vocabulary() -> None:
+    """(logits, x) and n_proj in functions and modules alike; one ESTIMATORS."""
+    import inspect
+
+    for fn in (amsreg_loss, jacobian_loss, AMSReg.forward, JacobianReg.forward):
+        names = [n for n in inspect.signature(fn).parameters if n != "self"]
+        assert names[:2] == ["logits", "x"], (fn, names)
+    for cls in (AMSReg, JacobianReg):
+        assert list(inspect.signature(cls).parameters)[0] == "n_proj"
+    assert penalties.ESTIMATORS == ("projection", "exact", "gradnorm", "finite_difference")
+    assert set(penalties.JACOBIAN_ESTIMATORS) < set(penalties.ESTIMATORS)
+    assert set(fastland.reference.PENALTY_ESTIMATORS) <= set(penalties.ESTIMATORS)
 
 
-@pytest.mark.parametrize("device", devices(), ids=str)
-def test_generator_reproducible_on_device(device: torch.device) -> None:
-    model, x = make("cnn", torch.float32)
-    model = model.to(device)
-    x = x.detach().to(device).requires_grad_(True)
-    logits = model(x)
-
-    def draw(seed: int) -> Tensor:
-        return amsreg_loss(logits, x, n_proj=2, generator=torch.Generator(device).manual_seed(seed))
-
-    assert torch.equal(draw(3), draw(3))
-    assert not torch.equal(draw(3), draw(4))
-    assert draw(3).device == x.device
-
-
-def test_autocast_bfloat16_accumulates_in_float32() -> None:
-    model, x = make("cnn", torch.float32)
-    ref = amsreg_loss(model(x), x, estimator="exact")
-    for est in ("exact", "gradnorm", "finite_difference", "projection"):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(x)
-            assert logits.dtype == torch.bfloat16
-            val = amsreg_loss(logits, x, estimator=est, model=model, n_proj=2)
-        assert val.dtype == torch.float32 and torch.isfinite(val)
-        val.backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-        if est == "exact":
-            torch.testing.assert_close(val, ref, rtol=5e-2, atol=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(x)
-        jl = jacobian_loss(logits, x, estimator="exact")
-    assert jl.dtype == torch.float32
+# --------------------------------------------------------------------------- batched fallback
 
 
 class _ItemInBackward(torch.autograd.Function):
@@ -474,7 +383,7 @@ class _ItemInBackward(torch.autograd.Function):
 def test_batched_falls_back_to_loop_with_one_warning() -> None:
     model, x = make("mlp")
     logits = _ItemInBackward.apply(model(x))
-    penalties._warned.clear()
+    _estimators._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         a = amsreg_loss(logits, x, n_proj=3, generator=torch.Generator().manual_seed(1), batched=True)
@@ -487,63 +396,6 @@ def test_batched_falls_back_to_loop_with_one_warning() -> None:
 
 
 def test_default_path_per_device() -> None:
-    assert penalties._use_batched(torch.device("cpu"), None) is False
-    assert penalties._use_batched(torch.device("cuda", 1), None) is True
-    assert penalties._use_batched(torch.device("cpu"), True) is True
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def test_errors_name_the_argument() -> None:
-    model, x = make("cnn")
-    logits = model(x)
-    with pytest.raises(ValueError, match="inputs: .*requires_grad=False"):
-        amsreg_loss(model(x.detach()), x.detach())
-    other = x.detach().clone().requires_grad_(True)
-    for batched in (False, True):
-        with pytest.raises(ValueError, match="inputs: .*graph of logits"):
-            amsreg_loss(logits, other, n_proj=2, batched=batched)
-    with pytest.raises(ValueError, match="inputs: .*graph of logits"):
-        amsreg_loss(logits, other, estimator="finite_difference", model=model)
-    with pytest.raises(ValueError, match="logits: expected 2 dimensions"):
-        amsreg_loss(logits.unsqueeze(0), x)
-    with pytest.raises(ValueError, match="logits: expected a non-empty"):
-        amsreg_loss(logits[:0], x[:0])
-    with pytest.raises(ValueError, match="logits: expected a tensor computed from inputs"):
-        amsreg_loss(logits.detach(), x)
-    with pytest.raises(ValueError, match="inputs: expected batch size 5"):
-        amsreg_loss(logits, x[:3])
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="n_proj: expected an integer >= 1"):
-            amsreg_loss(logits, x, n_proj=bad)
-        with pytest.raises(ValueError, match="n_proj: expected an integer >= 1"):
-            AMSReg(n_proj=bad)
-    with pytest.raises(ValueError, match="estimator: expected one of"):
-        amsreg_loss(logits, x, estimator="hutchinson")
-    with pytest.raises(ValueError, match="estimator: expected one of"):
-        jacobian_loss(logits, x, estimator="gradnorm")
-    with pytest.raises(ValueError, match="estimator: expected one of"):
-        AMSReg(estimator="nope")
-    with pytest.raises(ValueError, match="model: .*needs model="):
-        amsreg_loss(logits, x, estimator="finite_difference")
-    with pytest.raises(ValueError, match="h: expected a finite step > 0"):
-        amsreg_loss(logits, x, estimator="finite_difference", model=model, h=0.0)
-    with pytest.raises(ValueError, match="reduction: expected one of"):
-        amsreg_loss(logits, x, reduction="avg")
-    with pytest.raises(TypeError, match="generator: expected a torch.Generator"):
-        amsreg_loss(logits, x, generator=3)
-    with pytest.raises(TypeError, match="logits: expected a torch.Tensor"):
-        amsreg_loss(logits.tolist(), x)
-    for bad in (0, -2):
-        with pytest.raises(ValueError, match="n: expected an integer >= 1, or -1"):
-            JacobianReg(bad)
-
-
-def test_finite_difference_refuses_active_dropout() -> None:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Dropout(0.5), nn.Linear(6, 3)).train()
-    x = torch.rand(4, 12, requires_grad=True)
-    with pytest.raises(ValueError, match="model: .*Dropout in train mode"):
-        amsreg_loss(model(x), x, estimator="finite_difference", model=model)
-    model.eval()
-    assert torch.isfinite(amsreg_loss(model(x), x, estimator="finite_difference", model=model))
+    assert _estimators.use_batched(torch.device("cpu"), None) is False
+    assert _estimators.use_batched(torch.device("cuda", 1), None) is True
+    assert _estimators.use_batched(torch.device("cpu"), True) is True
