@@ -1,0 +1,275 @@
+"""fastland.fast_conv: the fast input-gradient path gives autograd's gradients, to every order.
+
+Float64 throughout unless stated; tolerances 1e-12 (absolute, on values of order 1-10).
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastland import fast_conv, models
+from fastland.fast_conv import conv_fn, make_spec, route
+
+TOL = dict(rtol=0, atol=1e-12)
+DT = torch.float64
+
+
+def _grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    x = x.detach().requires_grad_(True)
+    y = module(x)
+    params = [p for p in (module.weight, module.bias) if p is not None]
+    return (y, *torch.autograd.grad(y, [x, *params], g))
+
+
+def _fast_grad_fn(y: torch.Tensor) -> bool:
+    return type(y.grad_fn).__name__ == "_ConvBackward"
+
+
+# (ctor, C, O, k, kwargs, input spatial shape, batch): odd shapes, every geometry the path handles
+CASES = [
+    (nn.Conv2d, 1, 6, 5, dict(padding=2), (11, 9), 3),                     # LeNet-like: flip
+    (nn.Conv2d, 1, 33, 3, dict(), (8, 7), 2),                             # DDNet-like: native
+    (nn.Conv2d, 3, 5, 3, dict(padding=1, bias=False), (7, 10), 1),         # ResNet stem, batch 1
+    (nn.Conv2d, 2, 4, 3, dict(stride=2, padding=1), (9, 8), 2),            # strided: native
+    (nn.Conv2d, 2, 3, (3, 2), dict(stride=(2, 1), padding=(0, 1)), (9, 8), 2),
+    (nn.Conv2d, 1, 3, 3, dict(dilation=2, padding=1), (9, 11), 2),         # dilated: flip
+    (nn.Conv2d, 1, 3, 3, dict(dilation=2, padding=5), (6, 7), 2),          # p > d(k-1): native
+    (nn.Conv2d, 2, 4, 3, dict(padding="same"), (7, 6), 2),
+    (nn.Conv2d, 2, 4, 4, dict(padding="same", dilation=1), (7, 6), 2),     # asymmetric 'same'
+    (nn.Conv2d, 1, 4, 3, dict(padding="valid", bias=False), (5, 6), 2),
+    (nn.Conv2d, 4, 6, 3, dict(groups=2, padding=1), (6, 5), 2),            # groups: native
+    (nn.Conv2d, 2, 3, 3, dict(padding=2, padding_mode="reflect"), (7, 6), 2),
+    (nn.Conv2d, 2, 3, 3, dict(padding=1, padding_mode="circular"), (5, 6), 2),
+    (nn.Conv1d, 1, 5, 4, dict(padding=1), (13,), 3),
+    (nn.Conv1d, 2, 20, 3, dict(stride=3), (14,), 2),
+    (nn.Conv3d, 1, 3, 3, dict(padding=1), (4, 5, 3), 2),
+    (nn.Conv3d, 2, 4, 2, dict(stride=2, bias=False), (5, 4, 6), 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0].__name__}-{i}" for i, c in enumerate(CASES)])
+def test_gradients_equal_autograd(case):
+    ctor, c, o, k, kwargs, spatial, b = case
+    torch.manual_seed(0)
+    plain = ctor(c, o, k, **kwargs).to(DT)
+    fast = fast_conv.apply(copy.deepcopy(plain))
+    x = torch.randn(b, c, *spatial, dtype=DT)
+    y_ref, *ref = _grads(plain, x, g := torch.randn_like(plain(x)))
+    y, *got = _grads(fast, x, g)
+    assert _fast_grad_fn(fast(x.requires_grad_(True)))
+    torch.testing.assert_close(y, y_ref, **TOL)
+    assert len(got) == len(ref)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, **TOL)
+
+
+def test_cases_cover_both_routes():
+    routes = set()
+    for ctor, c, o, k, kwargs, _, _ in CASES:
+        m = ctor(c, o, k, **kwargs)
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            continue
+        routes.add(route(m.weight, make_spec(m.weight.dim() - 2, m.stride, m.padding, m.dilation, m.groups)))
+    assert routes == {"flip", "native"}
+
+
+GEOMS = [  # (C, O, k, stride, padding, dilation, groups): flip and native routes
+    (1, 3, 3, 1, 1, 1, 1),
+    (2, 20, 3, 1, 0, 1, 1),
+    (2, 3, 3, 2, 1, 1, 1),
+    (2, 4, 2, 1, 1, 2, 2),
+]
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+def test_gradcheck_and_gradgradcheck(geom):
+    c, o, k, s, p, d, groups = geom
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, c, 6, 5, dtype=DT, generator=gen, requires_grad=True)
+    w = torch.randn(o, c // groups, k, k, dtype=DT, generator=gen, requires_grad=True)
+    b = torch.randn(o, dtype=DT, generator=gen, requires_grad=True)
+    spec = make_spec(2, s, p, d, groups)
+    fn = lambda x, w, b: conv_fn(x, w, b, spec)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_third_order_matches_autograd():
+    """d/dw of a Hessian-vector product: the three Functions close over each other."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 1, 7, 6, dtype=DT, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, dtype=DT, requires_grad=True)
+    spec = make_spec(2, 1, 1, 1, 1)
+
+    def third(f):
+        y = f(x, w).tanh().sum()
+        (gx,) = torch.autograd.grad(y, x, create_graph=True)
+        (hx,) = torch.autograd.grad(gx.pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(hx.pow(2).sum(), w)[0]
+
+    ref = third(lambda x, w: F.conv2d(x, w, None, 1, 1))
+    got = third(lambda x, w: conv_fn(x, w, None, spec))
+    assert float(ref.abs().max()) > 100  # third derivatives are large: compare relatively
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the library on top
+
+
+def _pair(name: str = "lenet", seed: int = 0):
+    torch.manual_seed(seed)
+    plain = fast_conv.remove(models.create(name, "fmnist").to(DT))
+    return plain, fast_conv.apply(copy.deepcopy(plain))
+
+
+@pytest.mark.parametrize("penalty", ["amsreg_loss", "jacobian_loss"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_penalties_same_value_and_parameter_gradients(penalty, batched):
+    import fastland
+
+    plain, fast = _pair()
+    x = torch.rand(3, 1, 28, 28, dtype=DT, generator=torch.Generator().manual_seed(3))
+    out = []
+    for m in (plain, fast):
+        xi = x.clone().requires_grad_(True)
+        value = getattr(fastland, penalty)(m(xi), xi, estimator="exact", batched=batched)
+        out.append((value, torch.autograd.grad(value, list(m.parameters()))))
+    torch.testing.assert_close(out[1][0], out[0][0], **TOL)
+    for a, r in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def _defences():
+    try:
+        from fastland import defences
+    except ImportError:  # pragma: no cover - before the move
+        from fastland import train as defences
+    return defences
+
+
+@pytest.mark.parametrize("name", ["none", "at", "jacobian", "amsreg"])
+def test_training_steps_reach_the_same_parameters(name):
+    d = _defences()
+    spec = d.Defence(name, lam=0.5 if name != "none" else 0.0, eps=10 / 255 if name == "at" else 0.0,
+                     steps=3, estimator="projection", n_proj=2)
+    plain, fast = _pair("ddnet" if name == "jacobian" else "lenet")
+    data = torch.Generator().manual_seed(4)
+    x, y = torch.rand(4, 1, 28, 28, dtype=DT, generator=data), torch.randint(0, 10, (4,), generator=data)
+    for m in (plain, fast):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(2):
+            d.train_step(m.train(), x, y, spec, opt, generator=gen)
+    for (n, a), (_, r) in zip(fast.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_input_gradient_only_skips_the_weight_gradient(monkeypatch):
+    """An attack's ``autograd.grad(loss, x)`` must not pay for the weight gradient."""
+    calls = []
+    kernel = fast_conv._weight_grad_kernel
+    monkeypatch.setattr(fast_conv, "_weight_grad_kernel", lambda *a: calls.append(1) or kernel(*a))
+    _, fast = _pair()
+    x = torch.rand(2, 1, 28, 28, dtype=DT, requires_grad=True)
+    torch.autograd.grad(fast(x).sum(), x)
+    assert calls == []
+    fast(x).sum().backward()
+    assert calls == [1]
+
+
+# --------------------------------------------------------------------------- apply / remove
+
+
+def test_apply_remove_idempotent_and_per_instance():
+    m = fast_conv.remove(models.create("ddnet", "fmnist"))
+    other = fast_conv.apply(models.create("ddnet", "fmnist"))
+    assert not fast_conv.is_applied(m)
+    assert fast_conv.apply(fast_conv.apply(m)) is m
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    forwards = [c.__dict__["_conv_forward"] for c in convs]
+    fast_conv.apply(m, max_in_channels=8)
+    assert [c.__dict__["_conv_forward"] for c in convs] == forwards
+    assert all(f.max_in_channels == 8 for f in forwards)
+    assert fast_conv.is_applied(other) and type(m) is type(other)
+    assert fast_conv.remove(fast_conv.remove(m)) is m
+    assert not fast_conv.is_applied(m) and all("_conv_forward" not in c.__dict__ for c in convs)
+
+
+@pytest.mark.parametrize("name", ["lenet", "ddnet", "resnet18"])
+def test_fastland_models_carry_the_path(name):
+    m = models.create(name, "cifar10" if name == "resnet18" else "fmnist")
+    assert fast_conv.is_applied(m)
+    assert "_conv_forward" in m.body.conv1.__dict__
+
+
+def test_state_dict_deepcopy_and_pickle_round_trip():
+    plain, fast = _pair()
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    clone = copy.deepcopy(fast)
+    conv1 = clone.body.conv1
+    assert conv1.__dict__["_conv_forward"].module is conv1
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.body.conv1.__dict__["_conv_forward"].module is loaded.body.conv1
+    buf = io.BytesIO()
+    torch.save(fast.state_dict(), buf)
+    buf.seek(0)
+    fresh = _pair(seed=9)[1]
+    fresh.load_state_dict(torch.load(buf))
+    x = torch.rand(2, 1, 28, 28, dtype=DT, requires_grad=True)
+    for m in (clone, loaded, fresh):
+        y = m(x)
+        assert _fast_grad_fn(m.body.conv1(m.normalize(x)))
+        torch.testing.assert_close(y, plain(x), **TOL)
+
+
+def test_declined_calls_run_the_plain_conv():
+    c = fast_conv.apply(nn.Conv2d(1, 4, 3).to(DT))
+    x = torch.randn(2, 1, 6, 6, dtype=DT)
+    assert type(c(x.requires_grad_(True)).grad_fn).__name__ == "_ConvBackward"
+    assert type(c(x.detach()).grad_fn).__name__ == "ConvolutionBackward0"        # x needs no grad
+    with torch.no_grad():
+        assert c(x).grad_fn is None
+    assert type(c(x[0]).grad_fn).__name__ != "_ConvBackward"                     # unbatched input
+    wide = fast_conv.apply(nn.Conv2d(5, 4, 3).to(DT))
+    assert type(wide(torch.randn(1, 5, 6, 6, dtype=DT, requires_grad=True)).grad_fn).__name__ != "_ConvBackward"
+    bf = fast_conv.apply(nn.Conv2d(1, 4, 3).bfloat16())
+    assert type(bf(torch.randn(1, 1, 6, 6, dtype=torch.bfloat16, requires_grad=True)).grad_fn).__name__ != "_ConvBackward"
+    c32 = fast_conv.apply(nn.Conv2d(1, 4, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = c32(torch.randn(1, 1, 6, 6, requires_grad=True))
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_falls_back_to_the_plain_conv():
+    c = fast_conv.apply(nn.Conv2d(1, 4, 3).cuda())
+    y = c(torch.randn(2, 1, 6, 6, device="cuda", requires_grad=True))
+    assert type(y.grad_fn).__name__ != "_ConvBackward"
+
+
+def test_conv_input_grad_matches_torch():
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(6, 1, 5, 5, dtype=DT, generator=gen)
+    for s, p, shape in [(1, 2, (3, 1, 10, 9)), (2, 1, (3, 1, 12, 11)), (1, 0, (2, 1, 9, 8))]:
+        g = torch.randn(F.conv2d(torch.zeros(shape, dtype=DT), w, None, s, p).shape, dtype=DT, generator=gen)
+        ref = torch.nn.grad.conv2d_input(shape, w, g, s, p)
+        torch.testing.assert_close(fast_conv.conv_input_grad(shape, w, g, s, p), ref, **TOL)
+
+
+def test_bad_arguments_raise_one_line_errors():
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        fast_conv.apply("lenet")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_in_channels: expected a positive int, got 0"):
+        fast_conv.apply(nn.Conv2d(1, 1, 1), max_in_channels=0)
+    with pytest.raises(ValueError, match="stride: expected an int or 2 ints"):
+        make_spec(2, stride=(1, 1, 1))
+    with pytest.raises(ValueError, match="weight: expected 3 to 5 dims"):
+        fast_conv.conv(torch.randn(1, 1, 3), torch.randn(2, 1))
