@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import fast_conv
 from ._checks import check_tensor
 from .data import DATASETS, DatasetInfo, synthetic_info
 
@@ -316,7 +317,10 @@ def _build(
             f"got {normalize.channels}"
         )
     body = body_fn(shape, num_classes, **kwargs)
-    return Classifier(normalize, body, input_shape=shape, num_classes=num_classes)
+    # CPU input gradients of the few-channel first convolution by the fast exact route
+    # (fastland.fast_conv); the layers are untouched elsewhere (CUDA, wide layers).
+    model = Classifier(normalize, body, input_shape=shape, num_classes=num_classes)
+    return fast_conv.apply(model)
 
 
 def LeNet5(
