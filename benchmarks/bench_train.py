@@ -13,7 +13,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastland import models
-from fastland.train import TrainConfig, _epoch_indices, _Dist, defence_loss, train_step
+from fastland.defences import defence_loss, train_step
+from fastland.experiments._state import Dist
+from fastland.experiments.train import TrainConfig, _epoch_indices
 
 N, BATCH = 10_000, 128
 
@@ -37,7 +39,7 @@ def _dataloader_epoch(x, y) -> int:
 
 
 def _index_epoch(x, y) -> int:
-    order = torch.tensor(_epoch_indices(x.shape[0], 0, 0, _Dist()), dtype=torch.long)
+    order = torch.tensor(_epoch_indices(x.shape[0], 0, 0, Dist()), dtype=torch.long)
     seen = 0
     for i in range(0, order.numel(), BATCH):
         idx = order[i:i + BATCH]
@@ -71,7 +73,7 @@ def _step_setup(data, defence: str, **extra):
     """A fresh LeNet-5 in train mode, its resolved config, SGD, a generator and one batch."""
     torch.manual_seed(0)
     model = models.create("lenet", "fmnist").train()
-    cfg = TrainConfig(model="lenet", dataset="fmnist", defence=defence, **extra).resolved()
+    cfg = TrainConfig(model="lenet", dataset="fmnist", defence=defence, **extra).resolved().defence_spec()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(0)
     return model, cfg, opt, gen, data[0][:BATCH], data[1][:BATCH]
@@ -83,7 +85,7 @@ def test_step(benchmark, data, defence, extra):
     model, cfg, opt, gen, xb, yb = _step_setup(data, defence, **extra)
 
     def step() -> float:
-        return float(train_step(model, xb, yb, cfg, opt, gen)[0].detach())
+        return float(train_step(model, xb, yb, cfg, opt, generator=gen)[0].detach())
 
     benchmark.group = "train-step-lenet-b128"
     if defence == "none":
@@ -98,7 +100,7 @@ def test_step_backward_all(benchmark, data, defence):
     model, cfg, opt, gen, xb, yb = _step_setup(data, defence, estimator="projection")
 
     def step() -> float:
-        loss = defence_loss(model, xb, yb, cfg, gen)[0]
+        loss = defence_loss(model, xb, yb, cfg, generator=gen)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -34,20 +34,27 @@ _EXPORTS: dict[str, str] = {
     "jacobian_loss": "penalties",
     "AMSReg": "penalties",
     "JacobianReg": "penalties",
-    # landscapes and flatness
-    "directions": "landscapes",
-    "fgsm_direction": "landscapes",
+    # neighbourhoods, landscapes and flatness
+    "DIRECTION_KINDS": "neighbourhood",
+    "directions": "neighbourhood",
+    "fgsm_direction": "neighbourhood",
+    "grid_coordinates": "neighbourhood",
     "landscape": "landscapes",
     "Landscape": "landscapes",
-    "flatness": "landscapes",
-    "Flatness": "landscapes",
-    "loglik_histogram": "landscapes",
-    "LoglikHistogram": "landscapes",
+    "flatness": "measures",
+    "Flatness": "measures",
+    "loglik_histogram": "histograms",
+    "LoglikHistogram": "histograms",
+    # defences: one training objective and one optimiser step
+    "DEFENCES": "defences",
+    "Defence": "defences",
+    "defence_loss": "defences",
+    "train_step": "defences",
 }
 
 _SUBMODULES = (
-    "attacks", "cli", "data", "energy", "landscapes", "models", "ops", "penalties",
-    "plot", "reference", "testing", "train",
+    "attacks", "data", "defences", "energy", "histograms", "landscapes", "measures", "models", "neighbourhood",
+    "ops", "penalties", "reference", "testing",
 )
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]

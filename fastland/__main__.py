@@ -1,5 +1,5 @@
 """``python -m fastland`` is the ``fastland`` command."""
-from .cli import main
+from .experiments.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

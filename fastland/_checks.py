@@ -74,3 +74,40 @@ def check_eval_mode(name: str, model: nn.Module) -> None:
 def check_in_unit_box(name: str, x: torch.Tensor) -> bool:
     """True when every entry of ``x`` lies in [0, 1] (pixel space)."""
     return bool(((x >= 0) & (x <= 1)).all()) if x.numel() else True
+
+
+def check_model(model: object) -> None:
+    """``model`` must be an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_images(name: str, x: object, *, warn_outside: bool = True) -> torch.Tensor:
+    """``x`` a non-empty floating ``[N, *S]`` tensor without NaN/inf; warns when it leaves [0, 1].
+
+    One host synchronisation for both checks (finite, in the unit box).
+    """
+    import warnings
+
+    check_tensor(name, x, min_ndim=2, nonempty=True)
+    assert isinstance(x, torch.Tensor)
+    if not x.numel():
+        return x
+    finite, inside = torch.stack([torch.isfinite(x).all(), ((x >= 0) & (x <= 1)).all()]).tolist()
+    if not finite:
+        raise ValueError(f"{name}: contains NaN or inf")
+    if warn_outside and not inside:
+        warnings.warn(
+            f"{name}: expected pixel values in [0, 1], got values in [{x.min().item():.4g}, "
+            f"{x.max().item():.4g}]; fastland models normalise inside the model, pass unnormalised images",
+            stacklevel=3,
+        )
+    return x
+
+
+def check_model_dtype(model: nn.Module, x: torch.Tensor) -> None:
+    """The model's floating parameters and ``x`` share one dtype; else one clear error."""
+    p = next((q for q in model.parameters() if q.is_floating_point()), None)
+    if p is not None and p.dtype != x.dtype:
+        raise TypeError(f"x: expected dtype {p.dtype} (that of the model's parameters), got {x.dtype}; "
+                        f"convert one of them (x.to({p.dtype}) or model.to({x.dtype}))")

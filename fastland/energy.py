@@ -13,27 +13,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._batching import resolve_batch_size
-from ._checks import check_eval_mode, check_tensor
+from ._checks import check_model, check_model_dtype, check_tensor
+from ._grid import ams_scores, eval_mode, plan
 from .reference import input_score, log_likelihood, relative_log_likelihood
 
 __all__ = ["log_likelihood", "relative_log_likelihood", "input_score", "ams_score"]
-
-
-def ams_score_batch(model: nn.Module, x: Tensor) -> Tensor:
-    """``s(x) = -‖∇x log p(x)‖₂`` for one batch that fits in memory (no checks).
-
-    Args:
-        model: in eval mode, ``[B, *S] -> [B, C]``.
-        x: ``[B, *S]``.
-    Returns:
-        ``[B]``, detached.
-    """
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        lse = torch.logsumexp(model(xg), dim=-1)
-        (grad,) = torch.autograd.grad(lse.sum(), xg)
-    return -grad.flatten(1).norm(dim=1)
 
 
 def ams_score(
@@ -45,15 +29,18 @@ def ams_score(
     ``batch_size`` inputs (``None``: all at once; ``"auto"``: a memory budget).
 
     Args:
-        model: in eval mode; maps ``[B, *S]`` to ``[B, C]``.
+        model: maps ``[B, *S]`` to ``[B, C]``; evaluated in eval mode (its modes are restored).
         x: ``[B, *S]``.
         batch_size: inputs per VJP, ``"auto"`` or None.
     Returns:
         ``[B]``, detached; closer to 0 is flatter.
     """
-    check_eval_mode("model", model)
-    check_tensor("x", x, min_ndim=1, finite=True, nonempty=True)
-    if batch_size is None:
-        return ams_score_batch(model, x)
-    step = resolve_batch_size(batch_size, model, x[:1], backward=True)
-    return torch.cat([ams_score_batch(model, x[i : i + step]) for i in range(0, x.shape[0], step)])
+    check_model(model)
+    check_tensor("x", x, min_ndim=2, finite=True, nonempty=True)
+    check_model_dtype(model, x)
+    with eval_mode(model):
+        if batch_size is None:
+            step = x.shape[0]
+        else:
+            step = plan(model, x, batch_size=batch_size, fuse_first_layer=False, backward=True).per_call
+        return torch.cat([ams_scores(model, x[i : i + step]) for i in range(0, x.shape[0], step)])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastland.cli import build_parser, main
+from fastland.experiments.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ("train", "evaluate", "landscape", "flatness", "reproduce", "demo")
@@ -81,7 +81,7 @@ def test_impossible_settings_are_one_line_errors(tmp_path, capsys):
     rc = main(["train", "--dataset", "synthetic", "--defence", "jacobian", "--estimator", "gradnorm",
                "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 2
-    _assert_one_line_error(capsys.readouterr().err, "estimator: expected 'projection' or 'exact'")
+    _assert_one_line_error(capsys.readouterr().err, "estimator: expected one of ('projection', 'exact')")
     assert main(["evaluate", str(tmp_path / "no-run")]) == 2
     _assert_one_line_error(capsys.readouterr().err, "run_dir: no model.pt or checkpoint.pt")
     assert main(["reproduce", "synthetic-lenet", "--defences", "none,magic", "--out", str(tmp_path / "p")]) == 2
@@ -106,7 +106,7 @@ def test_train_then_resume_evaluate_flatness_landscape(tmp_path, capsys):
     done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert done["epochs_done"] == 2 and done["complete"]
 
-    assert main(["evaluate", str(run), "--n-phi", "3", "--phi-steps", "3", "--n-pgd", "16", "--steps", "2",
+    assert main(["evaluate", str(run), "--n-phi", "3", "--phi-points", "3", "--n-pgd", "16", "--steps", "2",
                  "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     saved = json.loads((run / "eval.json").read_text())
@@ -114,12 +114,12 @@ def test_train_then_resume_evaluate_flatness_landscape(tmp_path, capsys):
     assert res["settings"]["eps"] == pytest.approx(25 / 255) and res["settings"]["steps"] == 2
     assert res["pgd_acc"] <= 100 and res["phi"] < 0
 
-    assert main(["flatness", str(run), "--n-phi", "3", "--phi-steps", "3", "--no-progress"]) == 0
+    assert main(["flatness", str(run), "--n-phi", "3", "--phi-points", "3", "--no-progress"]) == 0
     flat = json.loads(capsys.readouterr().out)
     assert flat["phi"] == pytest.approx(res["phi"], rel=1e-5)  # same subset, seed and grid as evaluate
 
     fig = tmp_path / "land.png"
-    assert main(["landscape", str(run), str(run), "--grid-steps", "5", "--out", str(fig), "--no-progress"]) == 0
+    assert main(["landscape", str(run), str(run), "--grid-points", "5", "--out", str(fig), "--no-progress"]) == 0
     paths = json.loads(capsys.readouterr().out)["figures"]
     assert fig.exists() and fig.with_suffix(".pdf").exists() and str(fig) in paths
     assert main(["landscape", str(run), "--index", "100000", "--out", str(fig)]) == 2

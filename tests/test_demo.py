@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from fastland.demo import DEMO_DEFENCES, run_demo
+from fastland.experiments.demo import DEMO_DEFENCES, run_demo
 
 
 def _report_rows(text: str) -> dict:

@@ -58,14 +58,46 @@ def test_extension_is_built_with_openmp():
     assert C.openmp is True
 
 
-@pytest.mark.parametrize("name", sorted(set(fastland.__all__) - {"cli", "plot", "train"}))
+@pytest.mark.parametrize("name", sorted(fastland.__all__))
 def test_every_public_name_resolves(name):
     assert getattr(fastland, name) is not None
 
 
-@pytest.mark.parametrize("name", ["cli", "plot", "train"])
-def test_heavy_submodules_resolve(name):
-    assert getattr(fastland, name).__name__ == f"fastland.{name}"
+def test_the_library_loads_no_experiments_cli_plotting_or_tooling_module():
+    """Touching every public name of ``fastland`` loads only the library layer."""
+    code = (
+        "import sys, json, fastland\n"
+        "[getattr(fastland, n) for n in fastland.__all__]\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('fastland.experiments')"
+        " or m in ('matplotlib', 'tools') or m.startswith('tools.'))))"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+
+
+def test_no_library_module_imports_the_experiments_layer():
+    """The experiments layer imports the library, never the reverse (``__main__`` is the CLI's door)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(fastland.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "experiments" or rel.name == "__main__.py":
+            continue
+        text = path.read_text()
+        if re.search(r"^\s*(from|import)\s+(\.+|fastland\.)experiments", text, re.M):
+            offenders.append(str(rel))
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["cli", "plot", "train", "evaluate", "reproduce", "demo", "runs", "paper"])
+def test_experiment_modules_import(name):
+    import importlib
+
+    assert importlib.import_module(f"fastland.experiments.{name}").__name__ == f"fastland.experiments.{name}"
 
 
 def test_unknown_attribute_is_a_clear_error():

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastland.landscapes import LoglikHistogram, landscape, loglik_histogram
+from fastland.histograms import LoglikHistogram, loglik_histogram
+from fastland.landscapes import landscape
 from fastland.testing import tiny_cnn
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-from fastland import plot  # noqa: E402
+from fastland.experiments import plot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def landscapes():
     for k, name in enumerate(["standard", "defended"]):
         torch.manual_seed(k)
         model = tiny_cnn(n_classes=4).eval()
-        out[name] = landscape(model, x, span=8 / 255, steps=9, progress=False,
+        out[name] = landscape(model, x, span=8 / 255, points=9,
                               generator=torch.Generator().manual_seed(1))
     return out
 
@@ -73,7 +74,7 @@ def test_flat_landscape_still_draws(tmp_path, landscapes):
 def test_histograms(tmp_path):
     torch.manual_seed(0)
     model = tiny_cnn(n_classes=4).eval()
-    h = loglik_histogram(model, torch.rand(40, 1, 6, 6), eps=8 / 255, n_perturb=2, progress=False)
+    h = loglik_histogram(model, torch.rand(40, 1, 6, 6), eps=8 / 255, n_perturb=2)
     paths = [tmp_path / "fig3.png", tmp_path / "fig3.pdf"]
     plot.plot_loglik_histograms({"standard": h, "copy": LoglikHistogram(h.clean + 1, h.perturbed, h.eps, h.kind)},
                                 bins=20, path=paths)
@@ -116,9 +117,9 @@ def test_plot_errors(tmp_path, landscapes):
 def test_import_fastland_does_not_import_matplotlib_or_select_a_backend():
     code = (
         "import sys, fastland, torch; from fastland.testing import tiny_cnn; "
-        "fastland.landscape(tiny_cnn().eval(), torch.rand(1, 1, 6, 6), steps=3, progress=False); "
+        "fastland.landscape(tiny_cnn().eval(), torch.rand(1, 1, 6, 6), points=3); "
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'; "
-        "import fastland.plot; import matplotlib; "
+        "import fastland.experiments.plot; import matplotlib; "
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-import fastland.reproduce as rp
-import fastland.train as tr
-from fastland.evaluate import EvalSettings
-from fastland.train import DEFENCES, paper_settings
+import fastland.experiments.reproduce as rp
+import fastland.experiments.train as tr
+from fastland.experiments.evaluate import EvalSettings
+from fastland.defences import DEFENCES
+from fastland.experiments.paper import paper_settings
 
-TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=32, n_phi=3, phi_steps=3)
-TINY = dict(epochs=1, train_size=64, batch_size=32, eval_settings=TINY_EVAL, progress=False, figure_steps=5)
+TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=32, n_phi=3, phi_points=3)
+TINY = dict(epochs=1, train_size=64, batch_size=32, eval_settings=TINY_EVAL, progress=False, figure_points=5)
 
 
 def test_paper_tables_are_transcribed():

@@ -19,7 +19,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -27,52 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from .evaluate import EvalSettings, default_eval_settings, evaluate
-from .train import DEFENCES, TrainConfig, atomic_write_text, load_data, paper_settings, train
+from .._io import atomic_write_text
+from ..defences import DEFENCES
+from .paper import CONFIGS, SWEEP_FACTORS, PaperRow, Setting, paper_settings
+from .train import TrainConfig, load_data, train
 
 __all__ = ["PaperRow", "Setting", "CONFIGS", "RunSpec", "run_specs", "default_out", "reproduce", "findings",
            "landscape_figure"]
-
-
-@dataclass(frozen=True)
-class PaperRow:
-    """One row of the paper's Table 1 or 2: Φ, clean and PGD accuracy (%)."""
-
-    label: str
-    phi: float
-    clean: float
-    pgd: float
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A data set + architecture of the paper, with its table rows (by defence)."""
-
-    dataset: str
-    model: str
-    table: str
-    paper: Dict[str, PaperRow] = field(default_factory=dict)
-
-
-def _rows(eps: str, lam_j: float, lam_a: float, vals: Sequence[Tuple[float, float, float]]) -> Dict[str, PaperRow]:
-    labels = ("No Defense", f"AT (ε = {eps})", f"Jacobian Reg. (λ = {lam_j})", f"AMSReg (λ = {lam_a})")
-    return {d: PaperRow(lab, *v) for d, lab, v in zip(DEFENCES, labels, vals)}
-
-
-CONFIGS: Dict[str, Setting] = {
-    "fmnist-lenet": Setting("fmnist", "lenet", "Table 2", _rows("10/255", 0.01, 0.5, [
-        (-9435.9, 91.53, 0.0), (-1504.0, 89.35, 62.64), (-1694.6, 88.76, 34.71), (-378.1, 89.51, 34.04)])),
-    "fmnist-resnet18": Setting("fmnist", "resnet18", "Table 2", _rows("10/255", 0.01, 0.5, [
-        (-12952.8, 93.75, 0.1), (-1257.8, 91.64, 65.24), (-821.7, 91.04, 45.37), (-482.9, 91.29, 46.06)])),
-    "cifar10-ddnet": Setting("cifar10", "ddnet", "Table 1", _rows("3/255", 0.05, 1.0, [
-        (-13035.5, 91.45, 1.7), (-2066.4, 85.90, 45.71), (-1692.6, 86.06, 18.31), (-768.7, 85.45, 20.78)])),
-    "cifar10-resnet18": Setting("cifar10", "resnet18", "Table 1", _rows("3/255", 0.05, 1.0, [
-        (-13974.3, 94.69, 0.1), (-1055.0, 85.32, 57.48), (-1945.1, 82.28, 14.73), (-659.5, 86.94, 11.07)])),
-    # a tiny configuration for tests and smoke runs (no paper numbers)
-    "synthetic-lenet": Setting("synthetic", "lenet", "none"),
-}
-
-# sweep strengths for Figs. 2 and 4 (multiples of the paper's ε / λ)
-_SWEEP_FACTORS = (0.25, 0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -123,7 +84,7 @@ def run_specs(
         specs.append(RunSpec(d, _label(c), c, True))
     if sweep:
         ps = paper_settings(st.dataset)
-        for f in _SWEEP_FACTORS:
+        for f in SWEEP_FACTORS:
             at = TrainConfig(**{**asdict(base), "defence": "at", "at_eps": ps.at_eps * f}).resolved()
             jac = TrainConfig(**{**asdict(base), "defence": "jacobian", "lam": ps.lam_jacobian * f}).resolved()
             specs.append(RunSpec(f"at-x{f:g}", _label(at), at, False))
@@ -223,14 +184,14 @@ def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[s
 
 def _eval_text(s: EvalSettings) -> str:
     n = lambda v: "all" if v is None else str(v)  # noqa: E731
-    from .landscapes import FLATNESS_DIRS, FLATNESS_SPAN, FLATNESS_STEPS
+    from ..measures import FLATNESS_DIRS, FLATNESS_POINTS, FLATNESS_SPAN
 
     dirs = s.phi_dirs or FLATNESS_DIRS
     span = FLATNESS_SPAN if s.phi_span is None else s.phi_span
-    steps = s.phi_steps or FLATNESS_STEPS
+    points = s.phi_points or FLATNESS_POINTS
     return (f"PGD-{s.steps} L∞ ε={s.eps * 255:.3g}/255 α={s.alpha * 255:.3g}/255 with random start on "
             f"{n(s.n_pgd)} test images; clean accuracy on {n(s.n_clean)}; Φ = {s.reduction} of AMS scores over a "
-            f"{steps}×{steps} grid of half-width {span * 255:.3g}/255 along {dirs} random signed direction "
+            f"{points}×{points} grid of half-width {span * 255:.3g}/255 along {dirs} random signed direction "
             f"pair(s), averaged over pairs, on {n(s.n_phi)} test images.")
 
 
@@ -262,7 +223,7 @@ def reproduce(
     seed: int = 0,
     sweep: bool = False,
     figures: bool = True,
-    figure_steps: Optional[int] = None,
+    figure_points: Optional[int] = None,
     data_dir: Optional[str] = None,
     download: bool = False,
     device: str = "auto",
@@ -270,7 +231,7 @@ def reproduce(
 ) -> Path:
     """Train, evaluate and report one setting of the paper; returns the path of ``results.md``.
 
-    ``figure_steps`` sets the landscape figures' grid points per axis (None:
+    ``figure_points`` sets the landscape figures' grid points per axis (None:
     :func:`fastland.landscape`'s default).
 
     Resumable: finished models (``model.pt``) and evaluations (``eval.json`` with
@@ -295,7 +256,7 @@ def reproduce(
         results[spec.name] = _evaluate_run(spec, r.model, out / spec.name, test, s, progress)
     fig_paths: List[str] = []
     if figures:
-        fig_paths = _draw_figures(out, specs, models, results, test, figure_steps)
+        fig_paths = _draw_figures(out, specs, models, results, test, figure_points)
     return _write_tables(out, setting, specs, results, train_times, s, fig_paths)
 
 
@@ -303,7 +264,7 @@ def reproduce(
 
 
 def landscape_figure(models: Dict[str, nn.Module], x: Tensor, y: Tensor, path: str | Path, *,
-                     directions: str = "rademacher", span: Optional[float] = None, steps: Optional[int] = None,
+                     directions: str = "rademacher", span: Optional[float] = None, points: Optional[int] = None,
                      kind: str = "surface", seed: int = 0, title: Optional[str] = None) -> List[Path]:
     """Δlog p landscapes of several models around the same sample, side by side.
 
@@ -312,18 +273,18 @@ def landscape_figure(models: Dict[str, nn.Module], x: Tensor, y: Tensor, path: s
         x: ``[1, *S]`` the centre sample; y: ``[1]`` its label (for ``"fgsm"``).
         path: figure path; a ``.pdf`` is written beside a ``.png`` (and vice versa).
         directions: ``"rademacher"``, ``"gaussian"`` or ``"fgsm"`` (each model its own FGSM direction).
-        span, steps: the grid (None: :func:`fastland.landscape`'s defaults).
+        span, points: the grid (None: :func:`fastland.landscape`'s defaults).
     Returns:
         the written figure paths.
     """
     from . import plot
-    from .landscapes import landscape
+    from ..landscapes import landscape
 
-    kw: Dict[str, Any] = {"directions": directions, "progress": False}
+    kw: Dict[str, Any] = {"directions": directions}
     if span is not None:
         kw["span"] = span
-    if steps is not None:
-        kw["steps"] = steps
+    if points is not None:
+        kw["points"] = points
     lands = {}
     for name, m in models.items():
         dev = next(m.parameters()).device
@@ -346,16 +307,16 @@ def _save(fig: Any, path: str | Path, title: Optional[str] = None) -> List[Path]
 
 def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
                   results: Dict[str, Dict[str, Any]], test: Tuple[Tensor, Tensor],
-                  steps: Optional[int] = None) -> List[str]:
+                  points: Optional[int] = None) -> List[str]:
     """Figs. 1, 3, 4, 5 (and 2 when a sweep was trained) into ``out``; returns the PNG paths."""
     from . import plot
-    from .landscapes import loglik_histogram
+    from ..histograms import loglik_histogram
 
     x, y = test
     main = {s.label: models[s.name] for s in specs if s.main}
     paths: List[str] = []
     x0, y0 = x[:1], y[:1]
-    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig1_landscapes.png", steps=steps,
+    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig1_landscapes.png", points=points,
                                                title="Fig. 1: Δlog p over two random signed directions")]
     sweep = [s for s in specs if not s.main or s.config.defence in ("at", "jacobian")]
     if any(not s.main for s in specs):
@@ -363,13 +324,13 @@ def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
             group = sorted((s for s in sweep if s.config.defence == d),
                            key=lambda s: s.config.at_eps if d == "at" else s.config.lam)
             paths += [str(p) for p in landscape_figure(
-                {s.label: models[s.name] for s in group}, x0, y0, out / f"fig2_strength_{d}.png", steps=steps,
+                {s.label: models[s.name] for s in group}, x0, y0, out / f"fig2_strength_{d}.png", points=points,
                 title=f"Fig. 2: increasing {'AT ε' if d == 'at' else 'Jacobian λ'}")]
     hists = {}
     for label, m in main.items():
         dev = next(m.parameters()).device
         gen = torch.Generator(device=dev).manual_seed(0)
-        hists[label] = loglik_histogram(m, x[:1000].to(dev), generator=gen, progress=False)
+        hists[label] = loglik_histogram(m, x[:1000].to(dev), generator=gen)
     paths += [str(p) for p in _save(plot.plot_loglik_histograms(hists), out / "fig3_histograms.png",
                                     "Fig. 3: log p of clean and randomly perturbed test images")]
     pts = sorted((DEFENCES.index(s.config.defence), results[s.name]["phi"], results[s.name]["pgd_acc"],
@@ -379,6 +340,6 @@ def _draw_figures(out: Path, specs: List[RunSpec], models: Dict[str, nn.Module],
                                           title="Fig. 4: flatness Φ vs PGD accuracy",
                                           ylabel="PGD accuracy (%)")
     paths += [str(p) for p in _save(fig4, out / "fig4_flatness_vs_robustness.png")]
-    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig5_fgsm_landscapes.png", directions="fgsm", steps=steps,
+    paths += [str(p) for p in landscape_figure(main, x0, y0, out / "fig5_fgsm_landscapes.png", directions="fgsm", points=points,
                                                title="Fig. 5: Δlog p along the FGSM direction and a random one")]
     return [p for p in paths if p.endswith(".png")]

@@ -1,14 +1,7 @@
-"""One training loop for the defences ``none | at | jacobian | amsreg``.
+"""The training loop of the experiments: config, run folder, checkpoints, RNG states, DDP.
 
-The objective per mini-batch (DESIGN §1, the convention of Hoffman et al.'s code):
-
-* ``none``: ``mean CE(f(x), y)``;
-* ``at``: ``mean CE(f(x_adv), y)`` with ``x_adv`` a PGD-k attack (L∞, random
-  start, ``α = 2.5·ε/k`` by default), generated with the model in eval mode;
-* ``jacobian``: ``mean CE + (λ/2)·mean ‖J‖²_F``;
-* ``amsreg``: ``mean CE + (λ/2)·mean ‖diag(p) J‖²_F`` (any estimator of
-  :func:`fastland.amsreg_loss`).
-
+Each mini-batch is one :func:`fastland.train_step` on the config's
+:class:`fastland.Defence` (see :mod:`fastland.defences` for the objectives).
 SGD with momentum 0.9 and weight decay, learning rate ÷10 after 50% and 75% of
 the epochs (the paper's schedule). Every epoch writes an atomic checkpoint
 (model, optimiser, scheduler, completed epochs, metrics, and every RNG state:
@@ -26,79 +19,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._io import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from .._io import atomic_torch_save, atomic_write_text
+from ..defences import DEFENCES, Defence, train_step
+from ._state import (Dist, all_reduce_sum, barrier, gather_states, global_rng_state, init_distributed,
+                     resolve_device, seed_everything, set_global_rng_state)
+from .paper import BASE_LR, paper_settings
 
 __all__ = [
-    "DEFENCES",
-    "PaperSettings",
-    "paper_settings",
     "TrainConfig",
     "TrainResult",
-    "defence_loss",
-    "train_step",
     "fit",
     "train",
     "build_model",
     "load_data",
     "load_trained",
     "is_complete",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_torch_save",
 ]
 
-DEFENCES = ("none", "at", "jacobian", "amsreg")
 CHECKPOINT = "checkpoint.pt"
 FINAL = "model.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 _FORMAT = 1
-
-
-# --------------------------------------------------------------------------- paper settings
-
-
-@dataclass(frozen=True)
-class PaperSettings:
-    """The paper's per-data-set settings (DESIGN §1, Tables 1 and 2).
-
-    ``eval_*``: the PGD attack of the evaluation; ``at_eps``: ε of PGD-10
-    adversarial training; ``lam_*``: the regularisation strengths λ of the
-    objective ``CE + (λ/2)·penalty``. All ε and α are in pixel units ([0, 1]).
-    """
-
-    eval_eps: float
-    eval_alpha: float
-    eval_steps: int
-    at_eps: float
-    at_steps: int
-    lam_jacobian: float
-    lam_amsreg: float
-
-
-_PAPER: Dict[str, PaperSettings] = {
-    "fmnist": PaperSettings(25 / 255, 6.25 / 255, 10, 10 / 255, 10, 0.01, 0.5),
-    "cifar10": PaperSettings(8 / 255, 2 / 255, 5, 3 / 255, 10, 0.05, 1.0),
-}
-# default base learning rate per architecture (the paper does not state one)
-_BASE_LR = {"lenet": 0.01, "ddnet": 0.01, "resnet18": 0.1}
-
-
-def paper_settings(dataset: str) -> PaperSettings:
-    """The paper's settings for ``dataset`` (``"fmnist"``, ``"cifar10"``; others
-    such as ``"synthetic"`` get the Fashion-MNIST ones)."""
-    return _PAPER.get(dataset, _PAPER["fmnist"])
 
 
 # --------------------------------------------------------------------------- config
@@ -140,7 +90,7 @@ class TrainConfig:
         _validate(c)
         ps = paper_settings(c.dataset)
         if c.lr is None:
-            c.lr = _BASE_LR.get(c.model, 0.01)
+            c.lr = BASE_LR.get(c.model, 0.01)
         if c.lam is None:
             c.lam = {"jacobian": ps.lam_jacobian, "amsreg": ps.lam_amsreg}.get(c.defence, 0.0)
         if c.at_eps is None:
@@ -148,6 +98,11 @@ class TrainConfig:
         if c.at_alpha is None:
             c.at_alpha = 2.5 * c.at_eps / c.at_steps
         return c
+
+    def defence_spec(self) -> Defence:
+        """The library's :class:`fastland.Defence` for this (resolved) config."""
+        return Defence(self.defence, lam=float(self.lam or 0.0), estimator=self.estimator, n_proj=self.n_proj,
+                       eps=float(self.at_eps or 0.0), alpha=self.at_alpha, steps=self.at_steps)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -177,224 +132,10 @@ def _validate(c: TrainConfig) -> None:
     need(c.lr is None or c.lr > 0, "lr", "a positive number", c.lr)
     need(0 <= c.momentum < 1, "momentum", "a number in [0, 1)", c.momentum)
     need(c.weight_decay >= 0, "weight_decay", "a number >= 0", c.weight_decay)
-    need(c.lam is None or c.lam >= 0, "lam", "a number >= 0", c.lam)
-    need(isinstance(c.n_proj, int) and c.n_proj >= 1, "n_proj", "an integer >= 1", c.n_proj)
-    need(c.at_eps is None or c.at_eps >= 0, "at_eps", "a number >= 0", c.at_eps)
-    need(c.at_alpha is None or c.at_alpha >= 0, "at_alpha", "a number >= 0", c.at_alpha)
-    need(isinstance(c.at_steps, int) and c.at_steps >= 1, "at_steps", "an integer >= 1", c.at_steps)
     need(c.train_size is None or (isinstance(c.train_size, int) and c.train_size >= 1),
          "train_size", "an integer >= 1 or None", c.train_size)
-    estimators = ("projection", "exact", "gradnorm", "finite_difference")
-    need(c.estimator in estimators, "estimator", f"one of {estimators}", c.estimator)
-    if c.defence == "jacobian":
-        need(c.estimator in ("projection", "exact"), "estimator",
-             "'projection' or 'exact' for the Jacobian defence", c.estimator)
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-def _penalty(defence: str) -> Callable[..., Tensor]:
-    from . import penalties
-
-    return penalties.amsreg_loss if defence == "amsreg" else penalties.jacobian_loss
-
-
-def defence_loss(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    config: TrainConfig,
-    generator: Optional[torch.Generator] = None,
-    attack_model: Optional[nn.Module] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The training objective of ``config.defence`` on one mini-batch.
-
-    Args:
-        model: in train mode; maps ``[B, *S]`` to logits ``[B, C]``.
-        x: ``[B, *S]`` inputs in [0, 1]; y: ``[B]`` int64 labels.
-        config: a :meth:`TrainConfig.resolved` config.
-        generator: on ``x``'s device, for the penalty's projections and PGD's
-            random start (reproducible runs).
-        attack_model: the module PGD attacks (default ``model``; under DDP the
-            unwrapped module, so that the attack's passes bypass DDP).
-    Returns:
-        ``(loss, ce, penalty, logits)``: the scalar objective, the scalar mean
-        cross-entropy, the scalar mean penalty (0 for ``none``/``at``) and the
-        logits ``[B, C]`` the cross-entropy was computed on.
-    """
-    d = config.defence
-    if d == "at":
-        from .attacks import pgd
-
-        x = pgd(attack_model if attack_model is not None else model, x, y,
-                eps=config.at_eps, alpha=config.at_alpha, steps=config.at_steps,
-                random_start=True, generator=generator)
-    if d in ("jacobian", "amsreg"):
-        x = x.detach().clone().requires_grad_(True)
-        logits = model(x)
-        ce = F.cross_entropy(logits, y)
-        kwargs: Dict[str, Any] = dict(n_proj=config.n_proj, estimator=config.estimator, generator=generator)
-        if config.estimator == "finite_difference":
-            kwargs["model"] = model
-        penalty = _penalty(d)(logits, x, **kwargs)
-        return ce + config.lam / 2 * penalty, ce, penalty, logits
-    logits = model(x)
-    ce = F.cross_entropy(logits, y)
-    return ce, ce, ce.new_zeros(()), logits
-
-
-def train_step(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    config: TrainConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: Optional[torch.Generator] = None,
-    *,
-    attack_model: Optional[nn.Module] = None,
-    params: Optional[List[Tensor]] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One optimiser step on :func:`defence_loss`: zero the gradients, backward, step.
-
-    The backward pass accumulates into the parameters only
-    (``loss.backward(inputs=params)``): the Jacobian and AMSReg objectives
-    differentiate with respect to a copy of ``x``, whose gradient nobody needs.
-
-    Args:
-        model: in train mode (or its DDP wrapper); ``[B, *S]`` to logits ``[B, C]``.
-        x: ``[B, *S]`` inputs in [0, 1]; y: ``[B]`` int64 labels.
-        config: a :meth:`TrainConfig.resolved` config.
-        optimizer: over ``model``'s parameters.
-        generator: see :func:`defence_loss`; attack_model: see :func:`defence_loss`.
-        params: the tensors to differentiate (default: ``model``'s parameters
-            that require grad; pass the list once per epoch to save rebuilding it).
-    Returns:
-        ``(loss, ce, penalty, logits)`` as :func:`defence_loss` returns them.
-
-    Example::
-
-        cfg = TrainConfig(model="lenet", dataset="fmnist", defence="amsreg").resolved()
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-        for x, y in loader:
-            loss, ce, penalty, logits = train_step(model, x, y, cfg, opt)
-    """
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    loss, ce, penalty, logits = defence_loss(model, x, y, config, generator, attack_model)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=params)
-    optimizer.step()
-    return loss, ce, penalty, logits
-
-
-# --------------------------------------------------------------------------- RNG states
-
-
-def _global_rng_state() -> Dict[str, Any]:
-    """torch, CUDA, numpy and python RNG states as tensors/lists (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "name": np_state[0],
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
-    }
-
-
-def _set_global_rng_state(s: Dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    p = s["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class _Dist:
-    """Process-group facts: ``world == 1`` means no DDP."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _resolve_device(device: str | torch.device, dist_info: Optional[_Dist] = None) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        local = int(os.environ.get("LOCAL_RANK", "0")) if dist_info is None else dist_info.local_rank
-        dev = torch.device("cuda", local)
-    return dev
-
-
-def _all_reduce_sum(values: List[float], d: _Dist, device: torch.device) -> List[float]:
-    if d.world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _gather_states(state: Tensor, d: _Dist) -> List[Tensor]:
-    """Every rank's generator state (rank order) — one per rank in the checkpoint."""
-    if d.world == 1:
-        return [state]
-    import torch.distributed as dist
-
-    out: List[Any] = [None] * d.world
-    dist.all_gather_object(out, state)
-    return out
-
-
-def _barrier(d: _Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-# --------------------------------------------------------------------------- the loop
+    Defence(c.defence, lam=c.lam or 0.0, estimator=c.estimator, n_proj=c.n_proj, eps=c.at_eps or 0.0,
+            alpha=c.at_alpha, steps=c.at_steps)  # validates the defence's own fields
 
 
 @dataclass
@@ -422,7 +163,7 @@ def _progress(iterable: Iterable, enabled: bool, **kwargs: Any) -> Iterable:
     return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
 
 
-def _epoch_indices(n: int, epoch: int, seed: int, d: _Dist, shuffle: bool = True) -> List[int]:
+def _epoch_indices(n: int, epoch: int, seed: int, d: Dist, shuffle: bool = True) -> List[int]:
     """This rank's sample order for ``epoch`` (a DistributedSampler's, seeded by ``seed``+epoch)."""
     from torch.utils.data import DistributedSampler
 
@@ -520,8 +261,8 @@ def fit(
     c = config.resolved()
     out_dir = Path(out_dir)
     x_all, y_all = _check_train_data(train_data)
-    dist_info = _init_distributed(_resolve_device(device))
-    dev = _resolve_device(device, dist_info)
+    dist_info = init_distributed(resolve_device(device))
+    dev = resolve_device(device, dist_info)
     model = model.to(dev)
     opt, sched = _make_optimizer(model, c)
     gen = torch.Generator(device=dev)
@@ -543,7 +284,7 @@ def fit(
         _load_scheduler_state(sched, ck["scheduler"])
         start = int(ck["epoch"])
         metrics = list(ck["metrics"])
-        _set_global_rng_state(ck["rng"])
+        set_global_rng_state(ck["rng"])
         gens = ck["rng"]["generator"]
         gen.set_state(gens[dist_info.rank % len(gens)])
     elif dist_info.main:
@@ -571,7 +312,7 @@ def fit(
         metrics.append(m)
         if show:
             print(json.dumps(m), flush=True)
-        gens = _gather_states(gen.get_state(), dist_info)
+        gens = gather_states(gen.get_state(), dist_info)
         if dist_info.main:
             state = {
                 "format": _FORMAT,
@@ -581,17 +322,17 @@ def fit(
                 "optimizer": opt.state_dict(),
                 "scheduler": _scheduler_state(sched),
                 "metrics": metrics,
-                "rng": {**_global_rng_state(), "generator": gens},
+                "rng": {**global_rng_state(), "generator": gens},
             }
             atomic_torch_save(state, ckpt_path)
             _write_metrics(out_dir, metrics)
-        _barrier(dist_info)
+        barrier(dist_info)
 
     done = len(metrics)
     if done >= c.epochs and dist_info.main and not (out_dir / FINAL).exists():
         atomic_torch_save({"format": _FORMAT, "config": c.to_dict(), "model": model.state_dict(),
                            "epochs": done, "metrics": metrics}, out_dir / FINAL)
-    _barrier(dist_info)
+    barrier(dist_info)
     model.eval()
     return TrainResult(model, out_dir, done, metrics)
 
@@ -624,7 +365,7 @@ def _train_epoch(
     opt: torch.optim.Optimizer,
     gen: torch.Generator,
     epoch: int,
-    d: _Dist,
+    d: Dist,
     dev: torch.device,
     show: bool,
 ) -> Dict[str, float]:
@@ -636,10 +377,12 @@ def _train_epoch(
     tot_loss = tot_ce = tot_pen = 0.0
     correct = count = 0
     params = [p for p in net.parameters() if p.requires_grad]
+    defence = c.defence_spec()
     bar = _progress(batches, show, desc=f"epoch {epoch + 1}/{c.epochs} [{c.defence}]", unit="batch")
     for idx in bar:
         x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)
-        loss, ce, pen, logits = train_step(net, x, y, c, opt, gen, attack_model=model, params=params)
+        loss, ce, pen, logits = train_step(net, x, y, defence, opt, generator=gen, attack_model=model,
+                                           params=params)
         b = y.shape[0]
         tot_loss += float(loss.detach()) * b
         tot_ce += float(ce.detach()) * b
@@ -648,7 +391,7 @@ def _train_epoch(
         count += b
         if show and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{tot_loss / count:.4f}", acc=f"{correct / count:.3f}")
-    tot_loss, tot_ce, tot_pen, correct, count = _all_reduce_sum(
+    tot_loss, tot_ce, tot_pen, correct, count = all_reduce_sum(
         [tot_loss, tot_ce, tot_pen, float(correct), float(count)], d, dev)
     return {"loss": tot_loss / count, "ce": tot_ce / count, "penalty": tot_pen / count,
             "train_acc": correct / count}
@@ -659,10 +402,10 @@ def _train_epoch(
 
 def build_model(c: TrainConfig) -> nn.Module:
     """``fastland.models.create`` for the config's model and data set."""
-    from . import models
+    from .. import models
 
     if c.dataset == "synthetic":
-        from .data import synthetic_info
+        from ..data import synthetic_info
 
         return models.create(c.model, synthetic_info(c.synthetic_shape, c.synthetic_classes))
     return models.create(c.model, c.dataset)
@@ -673,7 +416,7 @@ def load_data(
 ) -> Tuple[Tensor, Tensor]:
     """``(x, y)`` for the config's data set and ``split`` (``"train"``: limited to
     ``train_size`` examples, a fixed random subset)."""
-    from . import data
+    from .. import data
 
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
@@ -718,7 +461,7 @@ def train(
             model = build_model(c)
             model.load_state_dict(final["model"])
             return TrainResult(model.eval(), out_dir, int(final["epochs"]), list(final["metrics"]))
-    _seed_everything(c.seed)
+    seed_everything(c.seed)
     model = build_model(c)
     train_xy = load_data(c, "train", data_dir=data_dir, download=download)
     test_xy = load_data(c, "test", data_dir=data_dir, download=download) if eval_test else None
@@ -742,4 +485,4 @@ def load_trained(run_dir: os.PathLike | str, device: str | torch.device = "cpu")
     c = TrainConfig.from_dict(state["config"])
     model = build_model(c)
     model.load_state_dict(state["model"])
-    return model.to(_resolve_device(device)).eval(), c
+    return model.to(resolve_device(device)).eval(), c

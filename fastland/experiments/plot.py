@@ -22,8 +22,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ._io import atomic_file
-from .landscapes import Landscape, LoglikHistogram
+from .._io import atomic_file
+from ..histograms import LoglikHistogram
+from ..landscapes import Landscape
 
 __all__ = [
     "save_figure",

@@ -18,6 +18,9 @@ to every sample of a ``Dataset``/``DataLoader``/tensor and returns the full
 
 Per-sample randomness comes from :func:`sample_generator` ``(seed, index)``,
 so a result never depends on how samples were batched, sharded or resumed.
+
+:func:`landscape_dataset` and :func:`flatness_dataset` are the data-set forms of
+:func:`fastland.landscape` and :func:`fastland.flatness` built on it.
 """
 from __future__ import annotations
 
@@ -31,11 +34,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ._io import atomic_torch_save as atomic_save
-from ._progress import progress_bar
+from .._io import atomic_torch_save as atomic_save
+from .._progress import progress_bar
 
-__all__ = ["DataLike", "is_data", "iter_batches", "run_resumable", "sample_generator",
-           "atomic_save", "FORMAT"]
+__all__ = ["DataLike", "is_data", "iter_batches", "run_resumable", "sample_generator", "FORMAT",
+           "landscape_dataset", "flatness_dataset"]
 
 DataLike = Union[Dataset, DataLoader]
 FORMAT = "fastland.runner/1"
@@ -267,3 +270,120 @@ def run_resumable(
             atomic_save(state, path)
         dist.barrier()
     return dict(state["fields"], done=state["done"])
+
+
+# --------------------------------------------------------------------------- landscapes and flatness of a data set
+
+
+def _model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return device, dtype
+
+
+def _per_sample_pairs(
+    model: nn.Module, x: Tensor, y: Optional[Tensor], idx: Tensor, kind: str, n: int, seed: int
+) -> Tuple[Tensor, Tensor]:
+    """Direction pairs ``[n, B, *S]`` with sample ``idx[k]``'s drawn from generator ``(seed, idx[k])``."""
+    from ..neighbourhood import draw_pairs, fgsm_direction, fgsm_pairs
+
+    fgsm = fgsm_direction(model, x, y) if kind == "fgsm" and y is not None else None
+    pairs = []
+    for k, i in enumerate(idx.tolist()):
+        gen = sample_generator(seed, int(i), x.device)
+        if fgsm is not None:
+            pairs.append(fgsm_pairs(fgsm[k : k + 1], n, gen))
+        else:
+            pairs.append(draw_pairs(model, x[k : k + 1], None, kind, n, gen))
+    return torch.cat([p[0] for p in pairs], dim=1), torch.cat([p[1] for p in pairs], dim=1)
+
+
+def _check_kind(directions: object) -> str:
+    from ..neighbourhood import DIRECTION_KINDS
+
+    if not isinstance(directions, str) or directions not in DIRECTION_KINDS:
+        raise ValueError(f"directions: data-set runs draw their own; expected one of {DIRECTION_KINDS}, "
+                         f"got {directions!r}" if isinstance(directions, str) else
+                         f"directions: data-set runs draw their own; expected one of {DIRECTION_KINDS}, "
+                         f"got a {type(directions).__name__}")
+    return directions
+
+
+def landscape_dataset(
+    model: nn.Module, data: Union[Tensor, DataLike], *, directions: str = "rademacher",
+    span: float = 16 / 255, points: int = 41, batch_size: Union[int, str] = "auto",
+    fuse_first_layer: Union[bool, str] = "auto", progress: bool = False,
+    checkpoint: Optional[Union[str, Path]] = None, seed: int = 0, limit: Optional[int] = None,
+    chunk_samples: int = 64, save_interval: float = 30.0,
+) -> Any:
+    """:func:`fastland.landscape` over a data set: checkpointed, resumable and sharded.
+
+    The directions of sample ``i`` come from :func:`sample_generator` ``(seed, i)``.
+    Returns a :class:`fastland.Landscape` with ``values [N, points, points]`` and
+    ``d1 = d2 = None``.
+    """
+    from .._checks import check_images
+    from .._grid import eval_mode, plan
+    from ..neighbourhood import check_span_points, grid_coordinates
+    from ..landscapes import Landscape, landscape_values
+
+    kind = _check_kind(directions)
+    check_span_points(span, points)
+    device, dtype = _model_device_dtype(model)
+    grid = grid_coordinates(span, points, dtype=dtype, device=device)
+
+    def compute(idx: Tensor, x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
+        check_images("x", x)
+        d1, d2 = _per_sample_pairs(model, x, y, idx, kind, 1, seed)
+        p = plan(model, x, batch_size=batch_size, fuse_first_layer=fuse_first_layer, backward=False)
+        res = landscape_values(model, x, d1[0], d2[0], grid, grid, p)
+        return {"values": res.values, "base_logp": res.base_lse}
+
+    config = {"task": "landscape", "directions": kind, "span": float(span), "points": points, "seed": seed}
+    with eval_mode(model):
+        res = run_resumable(
+            data, compute, {"values": (points, points), "base_logp": ()}, config, model=model,
+            device=device, dtype=dtype, checkpoint=checkpoint, limit=limit, chunk=chunk_samples,
+            progress=progress, desc="landscape", save_interval=save_interval, need_labels=kind == "fgsm",
+        )
+    return Landscape(grid.cpu(), grid.cpu().clone(), res["values"], res["base_logp"], None, None, config)
+
+
+def flatness_dataset(
+    model: nn.Module, data: Union[Tensor, DataLike], *, n_dirs: int = 2, span: float = 8 / 255,
+    points: int = 5, reduction: str = "sum", directions: str = "rademacher",
+    batch_size: Union[int, str] = "auto", fuse_first_layer: Union[bool, str] = "auto", progress: bool = False,
+    checkpoint: Optional[Union[str, Path]] = None, seed: int = 0, limit: Optional[int] = None,
+    chunk_samples: int = 64, save_interval: float = 30.0,
+) -> Any:
+    """:func:`fastland.flatness` over a data set: checkpointed, resumable and sharded.
+
+    Returns a :class:`fastland.Flatness` (``phi [N]``, ``mean``, ``stderr``).
+    """
+    from .._checks import check_images
+    from .._grid import eval_mode, plan
+    from ..neighbourhood import grid_coordinates
+    from ..measures import Flatness, check_flatness_args, flatness_values
+
+    kind = _check_kind(directions)
+    check_flatness_args(n_dirs, span, points, reduction, kind)
+    device, dtype = _model_device_dtype(model)
+    grid = grid_coordinates(span, points, dtype=dtype, device=device)
+
+    def compute(idx: Tensor, x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
+        check_images("x", x)
+        d1, d2 = _per_sample_pairs(model, x, y, idx, kind, n_dirs, seed)
+        p = plan(model, x, batch_size=batch_size, fuse_first_layer=fuse_first_layer, backward=True)
+        return {"phi": flatness_values(model, x, d1, d2, grid, grid, p, reduction=reduction)}
+
+    config = {"task": "flatness", "directions": kind, "span": float(span), "points": points,
+              "n_dirs": n_dirs, "reduction": reduction, "seed": seed}
+    with eval_mode(model):
+        res = run_resumable(
+            data, compute, {"phi": ()}, config, model=model, device=device, dtype=dtype,
+            checkpoint=checkpoint, limit=limit, chunk=chunk_samples, progress=progress,
+            desc="flatness", save_interval=save_interval, need_labels=kind == "fgsm",
+        )
+    meta = {k: config[k] for k in ("n_dirs", "span", "points", "reduction", "directions")}
+    return Flatness.from_phi(res["phi"], meta)

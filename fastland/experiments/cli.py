@@ -94,7 +94,7 @@ def _add_eval_options(p: argparse.ArgumentParser, n_phi: int = 500) -> None:
                    help="direction pairs per example for Φ (None: fastland.flatness's default)")
     g.add_argument("--phi-span", type=_fraction, default=None,
                    help="grid half-width for Φ, pixel units (None: fastland.flatness's default)")
-    g.add_argument("--phi-steps", type=_positive_int, default=None,
+    g.add_argument("--phi-points", type=_positive_int, default=None,
                    help="grid points per axis for Φ (None: fastland.flatness's default)")
     g.add_argument("--reduction", choices=("sum", "mean"), default="sum",
                    help="Φ sums the AMS score over grid points (the paper's) or averages it")
@@ -107,14 +107,14 @@ def _eval_settings(args: argparse.Namespace, dataset: str, seed: int = 0) -> Any
     return default_eval_settings(
         dataset, eps=args.eps, alpha=args.alpha, steps=args.steps, n_clean=args.n_clean,
         n_pgd=args.n_pgd, n_phi=args.n_phi, phi_dirs=args.phi_dirs, phi_span=args.phi_span,
-        phi_steps=args.phi_steps, reduction=args.reduction, batch_size=args.eval_batch_size, seed=seed)
+        phi_points=args.phi_points, reduction=args.reduction, batch_size=args.eval_batch_size, seed=seed)
 
 
 # --------------------------------------------------------------------------- subcommands
 
 
 def _train_parser(sub: Any) -> None:
-    from .train import DEFENCES
+    from ..defences import DEFENCES
 
     p = sub.add_parser("train", help="train a model with a defence", formatter_class=_FMT,
                        description="Train MODEL on DATASET with DEFENCE; a checkpoint every epoch, "
@@ -206,7 +206,7 @@ def _device(name: str) -> str:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .train import atomic_write_text
+    from .._io import atomic_write_text
 
     model, cfg, x, y = _load_run_and_test(args)
     res = evaluate(model, x, y, _eval_settings(args, cfg.dataset, args.seed),
@@ -225,7 +225,7 @@ def _flatness_parser(sub: Any) -> None:
     p.add_argument("--n-phi", type=_positive_int, default=500, help="test examples")
     p.add_argument("--phi-dirs", type=_positive_int, default=None, help="direction pairs per example (None: fastland.flatness's default)")
     p.add_argument("--phi-span", type=_fraction, default=None, help="grid half-width, pixel units (None: fastland.flatness's default)")
-    p.add_argument("--phi-steps", type=_positive_int, default=None, help="grid points per axis (None: fastland.flatness's default)")
+    p.add_argument("--phi-points", type=_positive_int, default=None, help="grid points per axis (None: fastland.flatness's default)")
     p.add_argument("--reduction", choices=("sum", "mean"), default="sum", help="sum (the paper's) or mean over grid points")
     _add_data_options(p)
     _add_run_options(p)
@@ -237,7 +237,7 @@ def _cmd_flatness(args: argparse.Namespace) -> int:
 
     model, cfg, x, _ = _load_run_and_test(args)
     s = default_eval_settings(cfg.dataset, n_phi=args.n_phi, phi_dirs=args.phi_dirs, phi_span=args.phi_span,
-                              phi_steps=args.phi_steps, reduction=args.reduction, seed=args.seed)
+                              phi_points=args.phi_points, reduction=args.reduction, seed=args.seed)
     idx = subset_indices(x.shape[0], s.n_phi, s.seed)
     res = flatness_of(model, x[idx], s, progress=not args.no_progress)
     print(json.dumps({"run": str(args.run), "n_phi": int(idx.numel()), "reduction": s.reduction, **res}))
@@ -252,7 +252,7 @@ def _landscape_parser(sub: Any) -> None:
     p.add_argument("--directions", choices=("rademacher", "gaussian", "fgsm"), default="rademacher",
                    help="random signed, Gaussian orthonormal, or FGSM + random directions")
     p.add_argument("--span", type=_fraction, default=None, help="grid half-width, pixel units (None: fastland.landscape's default)")
-    p.add_argument("--grid-steps", type=_positive_int, default=None, help="grid points per axis (None: fastland.landscape's default)")
+    p.add_argument("--grid-points", type=_positive_int, default=None, help="grid points per axis (None: fastland.landscape's default)")
     p.add_argument("--kind", choices=("contour", "surface"), default="surface", help="3D surface (the paper's) or contour map")
     p.add_argument("--seed", type=int, default=0, help="seeds the random directions")
     p.add_argument("--out", default="landscape.png", help="figure path (a .pdf is written beside it)")
@@ -274,7 +274,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         raise ValueError(f"--index: expected 0 <= index < {x.shape[0]}, got {args.index}")
     models = {Path(r).name: m for r, (m, _) in zip(args.runs, loaded)}
     paths = landscape_figure(models, x[args.index:args.index + 1], y[args.index:args.index + 1], args.out,
-                             directions=args.directions, span=args.span, steps=args.grid_steps,
+                             directions=args.directions, span=args.span, points=args.grid_points,
                              kind=args.kind, seed=args.seed)
     print(json.dumps({"figures": [str(p) for p in paths]}))
     return 0
@@ -350,7 +350,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastland`` argument parser (one sub-parser per subcommand)."""
-    from ._version import __version__
+    from .._version import __version__
 
     parser = _Parser(prog="fastland", formatter_class=_FMT,
                      description="Likelihood landscapes, flatness Φ and AMSReg for adversarial robustness.")

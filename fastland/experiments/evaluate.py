@@ -13,8 +13,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_tensor
-from ._progress import progress_bar
+from .._checks import check_tensor
+from .._progress import progress_bar
 
 __all__ = ["EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "subset_indices",
            "evaluate"]
@@ -38,7 +38,7 @@ class EvalSettings:
     n_phi: Optional[int] = 500
     phi_dirs: Optional[int] = None
     phi_span: Optional[float] = None
-    phi_steps: Optional[int] = None
+    phi_points: Optional[int] = None
     reduction: str = "sum"
     batch_size: int = 500
     seed: int = 0
@@ -47,7 +47,7 @@ class EvalSettings:
 def default_eval_settings(dataset: str, **overrides: Any) -> EvalSettings:
     """The paper's PGD evaluation for ``dataset`` (``fmnist``, ``cifar10``; others get
     the Fashion-MNIST one), with ``overrides`` (``None`` values ignored)."""
-    from .train import paper_settings
+    from .paper import paper_settings
 
     ps = paper_settings(dataset)
     s = EvalSettings(eps=ps.eval_eps, alpha=ps.eval_alpha, steps=ps.eval_steps)
@@ -100,7 +100,7 @@ def pgd_accuracy(
         eps, alpha, steps: the attack (pixel units).
         seed: seeds the random starts (a generator on the model's device).
     """
-    from .attacks import pgd
+    from ..attacks import pgd
 
     _check_xy(x, y)
     dev = next(model.parameters()).device
@@ -121,13 +121,13 @@ def pgd_accuracy(
 def flatness_of(model: nn.Module, x: Tensor, s: EvalSettings, *, progress: bool = False) -> Dict[str, float]:
     """Φ of ``model`` on ``x [N, *S]`` (:func:`fastland.flatness`), as
     ``{"phi": mean φ, "phi_stderr": its standard error}``."""
-    from .landscapes import flatness
+    from ..measures import flatness
 
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev)
     gen.manual_seed(s.seed + 1)
-    kwargs: Dict[str, Any] = {"reduction": s.reduction, "generator": gen, "progress": progress}
-    for ours, theirs in (("phi_dirs", "n_dirs"), ("phi_span", "span"), ("phi_steps", "steps")):
+    kwargs: Dict[str, Any] = {"reduction": s.reduction, "generator": gen}
+    for ours, theirs in (("phi_dirs", "n_dirs"), ("phi_span", "span"), ("phi_points", "points")):
         if getattr(s, ours) is not None:
             kwargs[theirs] = getattr(s, ours)
     f = flatness(model, x.to(dev), **kwargs)

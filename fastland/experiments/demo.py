@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .evaluate import default_eval_settings, evaluate
-from .train import TrainConfig, atomic_write_text, load_data, train
+from .._io import atomic_write_text
+from .train import TrainConfig, load_data, train
 
 __all__ = ["run_demo", "DEMO_DEFENCES"]
 

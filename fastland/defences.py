@@ -1,0 +1,174 @@
+"""The training objectives of the defences, one mini-batch at a time.
+
+A :class:`Defence` is a small spec: which objective and its few numbers.
+
+* ``none``: ``mean CE(f(x), y)``;
+* ``at``: ``mean CE(f(x_adv), y)`` with ``x_adv`` a PGD-``steps`` attack (L∞,
+  random start, step ``alpha``, default ``2.5·eps/steps``), generated with the
+  model in eval mode;
+* ``jacobian``: ``mean CE + (λ/2)·mean ‖J‖²_F``;
+* ``amsreg``: ``mean CE + (λ/2)·mean ‖diag(p) J‖²_F`` (any estimator of
+  :func:`fastland.amsreg_loss`).
+
+Example::
+
+    defence = fastland.Defence("amsreg", lam=0.5)          # Table 2's AMSReg
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for x, y in loader:
+        loss, ce, penalty, logits = fastland.train_step(model, x, y, defence, opt)
+
+The experiments layer (:mod:`fastland.experiments.train`) wraps this in a
+resumable training loop with the paper's settings per data set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DEFENCES", "Defence", "defence_loss", "train_step"]
+
+DEFENCES = ("none", "at", "jacobian", "amsreg")
+# estimators each penalty defence accepts (the Jacobian penalty has no softmax weighting to drop)
+_DEFENCE_ESTIMATORS = {
+    "jacobian": ("projection", "exact"),
+    "amsreg": ("projection", "exact", "gradnorm", "finite_difference"),
+}
+
+
+def _need(cond: bool, name: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class Defence:
+    """One defence and its settings (validated on construction).
+
+    Attributes:
+        name: one of :data:`DEFENCES`.
+        lam: λ of the objective ``CE + (λ/2)·penalty`` (``jacobian``/``amsreg``;
+            Table 2: 0.01 and 0.5 on Fashion-MNIST).
+        estimator: the penalty's estimator (see :func:`fastland.amsreg_loss`).
+        n_proj: random projections per sample for ``estimator="projection"``.
+        eps: the L∞ radius of adversarial training (``at``; Table 2: 10/255).
+        alpha: PGD's step; ``None`` means ``2.5·eps/steps``.
+        steps: PGD iterations of adversarial training.
+    """
+
+    name: str = "none"
+    lam: float = 0.0
+    estimator: str = "projection"
+    n_proj: int = 1
+    eps: float = 0.0
+    alpha: Optional[float] = None
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        _need(self.name in DEFENCES, "defence", f"one of {DEFENCES}", self.name)
+        _need(isinstance(self.lam, (int, float)) and self.lam >= 0, "lam", "a number >= 0", self.lam)
+        _need(isinstance(self.n_proj, int) and self.n_proj >= 1, "n_proj", "an integer >= 1", self.n_proj)
+        _need(isinstance(self.eps, (int, float)) and self.eps >= 0, "eps", "a number >= 0", self.eps)
+        _need(self.alpha is None or self.alpha >= 0, "alpha", "a number >= 0 or None", self.alpha)
+        _need(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        allowed = _DEFENCE_ESTIMATORS.get(self.name, _DEFENCE_ESTIMATORS["amsreg"])
+        _need(self.estimator in allowed, "estimator", f"one of {allowed} for the {self.name!r} defence",
+              self.estimator)
+
+    @property
+    def step_size(self) -> float:
+        """PGD's step ``alpha`` (``2.5·eps/steps`` unless given)."""
+        return 2.5 * self.eps / self.steps if self.alpha is None else float(self.alpha)
+
+
+def _penalty(name: str) -> Any:
+    from . import penalties
+
+    return penalties.amsreg_loss if name == "amsreg" else penalties.jacobian_loss
+
+
+def defence_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    defence: Defence,
+    *,
+    generator: Optional[torch.Generator] = None,
+    attack_model: Optional[nn.Module] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The training objective of ``defence`` on one mini-batch.
+
+    Args:
+        model: in train mode; maps ``[B, *S]`` to logits ``[B, C]``.
+        x: ``[B, *S]`` inputs in [0, 1]; y: ``[B]`` int64 labels.
+        defence: a :class:`Defence`.
+        generator: on ``x``'s device, for the penalty's projections and PGD's
+            random start (reproducible runs).
+        attack_model: the module PGD attacks (default ``model``; under DDP the
+            unwrapped module, so that the attack's passes bypass DDP).
+    Returns:
+        ``(loss, ce, penalty, logits)``: the scalar objective, the scalar mean
+        cross-entropy, the scalar mean penalty (0 for ``none``/``at``) and the
+        logits ``[B, C]`` the cross-entropy was computed on.
+    """
+    if not isinstance(defence, Defence):
+        raise TypeError(f"defence: expected a fastland.Defence, got {type(defence).__name__}")
+    d = defence.name
+    if d == "at":
+        from .attacks import pgd
+
+        x = pgd(attack_model if attack_model is not None else model, x, y, defence.eps,
+                alpha=defence.step_size, steps=defence.steps, random_start=True, generator=generator)
+    if d in ("jacobian", "amsreg"):
+        x = x.detach().clone().requires_grad_(True)
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        kwargs: Dict[str, Any] = dict(n_proj=defence.n_proj, estimator=defence.estimator, generator=generator)
+        if defence.estimator == "finite_difference":
+            kwargs["model"] = model
+        penalty = _penalty(d)(logits, x, **kwargs)
+        return ce + defence.lam / 2 * penalty, ce, penalty, logits
+    logits = model(x)
+    ce = F.cross_entropy(logits, y)
+    return ce, ce, ce.new_zeros(()), logits
+
+
+def train_step(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    defence: Defence,
+    optimizer: torch.optim.Optimizer,
+    *,
+    generator: Optional[torch.Generator] = None,
+    attack_model: Optional[nn.Module] = None,
+    params: Optional[List[Tensor]] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One optimiser step on :func:`defence_loss`: zero the gradients, backward, step.
+
+    The backward pass accumulates into the parameters only
+    (``loss.backward(inputs=params)``): the Jacobian and AMSReg objectives
+    differentiate with respect to a copy of ``x``, whose gradient nobody needs.
+
+    Args:
+        model: in train mode (or its DDP wrapper); ``[B, *S]`` to logits ``[B, C]``.
+        x: ``[B, *S]`` inputs in [0, 1]; y: ``[B]`` int64 labels.
+        defence: a :class:`Defence`.
+        optimizer: over ``model``'s parameters.
+        generator, attack_model: see :func:`defence_loss`.
+        params: the tensors to differentiate (default: ``model``'s parameters
+            that require grad; pass the list once per epoch to save rebuilding it).
+    Returns:
+        ``(loss, ce, penalty, logits)`` as :func:`defence_loss` returns them.
+    """
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    loss, ce, penalty, logits = defence_loss(model, x, y, defence, generator=generator,
+                                             attack_model=attack_model)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)
+    optimizer.step()
+    return loss, ce, penalty, logits
