@@ -13,7 +13,9 @@ Smoke run with tiny sizes::
     FASTLAND_BENCH_STRONG="n=16,steps=5,queries=20,train=20" .venv/bin/python -m pytest \
         benchmarks/bench_strong.py --benchmark-only -q
 
-Weights are cached under ``$TMPDIR/fastland-bench-strong/``.
+Keys of ``FASTLAND_BENCH_STRONG``: ``n`` (test images), ``steps``, ``queries``, ``targets``,
+``train`` (Adam steps), ``eps255`` (ε in units of 1/255). Weights are cached under
+``$TMPDIR/fastland-bench-strong/``.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ torchattacks = pytest.importorskip("torchattacks")
 
 
 def _settings() -> Dict[str, int]:
-    out = {"n": 128, "steps": 50, "queries": 1000, "targets": 9, "train": 300}
+    out = {"n": 128, "steps": 50, "queries": 1000, "targets": 9, "train": 300, "eps255": 25}
     for item in filter(None, os.environ.get("FASTLAND_BENCH_STRONG", "").split(",")):
         key, value = item.split("=")
         out[key.strip()] = int(value)
@@ -41,7 +43,7 @@ def _settings() -> Dict[str, int]:
 
 
 S = _settings()
-EPS = 25 / 255  # the paper's Fashion-MNIST radius
+EPS = S["eps255"] / 255  # default 25/255, the paper's Fashion-MNIST radius
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 pytestmark = pytest.mark.usefixtures("one_thread")

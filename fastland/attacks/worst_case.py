@@ -182,7 +182,8 @@ def masking_flags(
 ) -> List[str]:
     """Plain-sentence warnings that a robustness number may come from masked gradients.
 
-    Pure: looks only at the numbers given; each check runs when its inputs are given.
+    Pure: looks only at the numbers given; each check runs when its inputs are given ((a) runs
+    when ``result.attacks`` holds a gradient-free attack).
 
     Args:
         result: the :func:`worst_case` result at radius ``eps``.
