@@ -125,7 +125,7 @@ def _record(benchmark, setup, robust: torch.Tensor) -> None:
 
 
 def _group(name: str) -> str:
-    return f"strong-{name}-n{S['n']}-s{S['steps']}-q{S['queries']}"
+    return f"strong-{name}-eps{S['eps255']}-n{S['n']}-s{S['steps']}-q{S['queries']}"
 
 
 def test_strong_torchattacks(benchmark, setup) -> None:
