@@ -8,13 +8,14 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/*.h csrc/cpu/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench install data clean help
+.PHONY: demo test test-all bench install data clean help sdist-check
 
 help:
 	@echo "make demo      train/evaluate/plot the Fashion-MNIST demo (runs/demo/report.md)"
 	@echo "make test      run the test suite (not the slow end-to-end runs)"
 	@echo "make test-all  run every test, the slow ones included"
 	@echo "make bench     run the benchmarks and regenerate benchmarks/README.md"
+	@echo "make sdist-check  build the sdist, then a wheel from it alone, install and smoke-test it"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -57,6 +58,10 @@ bench: $(STAMP)
 	  $(PY) -m pytest $$f -q --benchmark-only --benchmark-timer=time.process_time \
 	    --benchmark-json=benchmarks/results/$$t.json $(PYTEST_ARGS) || exit 1; done
 	$(PY) benchmarks/make_table.py benchmarks/results/*.json benchmarks/README.md
+
+# The sdist holds all the build needs: its file list, then a wheel built from it alone (docs/install.md).
+sdist-check: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_packaging.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastland/_C*.so
