@@ -82,6 +82,20 @@ def test_codes_robust_and_shares(trained) -> None:
     assert torch.equal(res.robust_before(0), res.broken_by != MISCLASSIFIED_CLEAN)
 
 
+def test_cat_joins_batches_in_order(trained) -> None:
+    model, x, y = trained
+    parts = [worst_case(model, x[i:i + 32], y[i:i + 32], 0.1, generator=gen(i), **FAST) for i in (0, 32)]
+    whole = WorstCase.cat(parts)
+    assert torch.equal(whole.x_adv, torch.cat([parts[0].x_adv, parts[1].x_adv]))
+    assert torch.equal(whole.broken_by[32:], parts[1].broken_by) and whole.attacks == parts[0].attacks
+    assert abs(whole.accuracy - (parts[0].accuracy + parts[1].accuracy) / 2) < 1e-12
+    other = WorstCase(parts[1].x_adv, parts[1].robust, parts[1].broken_by, ("square",))
+    with pytest.raises(ValueError, match="parts: "):
+        WorstCase.cat([parts[0], other])
+    with pytest.raises(TypeError, match="parts: "):
+        WorstCase.cat([])
+
+
 def test_fixed_generator_gives_identical_results(trained) -> None:
     model, x, y = trained
     a, b = (worst_case(model, x[:64], y[:64], 0.1, generator=gen(4), **FAST) for _ in range(2))

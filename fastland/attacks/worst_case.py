@@ -62,6 +62,17 @@ class WorstCase:
             out[name] = int((self.broken_by == i).sum()) / n
         return out
 
+    @staticmethod
+    def cat(parts: Sequence["WorstCase"]) -> "WorstCase":
+        """One result from the results of consecutive batches (same ``attacks``), rows in order."""
+        if not parts or not all(isinstance(p, WorstCase) for p in parts):
+            raise TypeError(f"parts: expected a non-empty sequence of WorstCase, got {parts!r:.80}")
+        names = {p.attacks for p in parts}
+        if len(names) != 1:
+            raise ValueError(f"parts: expected results of the same attacks, got {sorted(names)}")
+        return WorstCase(x_adv=torch.cat([p.x_adv for p in parts]), robust=torch.cat([p.robust for p in parts]),
+                         broken_by=torch.cat([p.broken_by for p in parts]), attacks=parts[0].attacks)
+
     def robust_before(self, index: int) -> Tensor:
         """``[B]`` bool: correct after the attacks ``attacks[:index]`` (clean-correct when 0)."""
         return (self.broken_by == SURVIVED) | (self.broken_by >= index)
