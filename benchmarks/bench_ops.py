@@ -1,5 +1,7 @@
-"""Fused ops on this CPU: the C++ kernels (through the public ``fastland.ops`` API,
-custom-op dispatch included) against the eager PyTorch reference.
+"""Fused ops: on CPU the C++ kernels, on CUDA the Triton kernels (each through the public
+``fastland.ops`` API, dispatch included) against the eager PyTorch reference.
+
+CUDA cases (ids ending ``cuda``) run only where a GPU is present (benchmarks/gpu_check.sh).
 
 Run: ``.venv/bin/python -m pytest benchmarks/bench_ops.py --benchmark-only -q
 --benchmark-min-rounds=5 --benchmark-json=/tmp/bench_ops.json``. Prose and the
@@ -16,7 +18,8 @@ from fastland import _ext
 from fastland.ops import grid_combine, grid_relative_loglik, weighted_projection
 from fastland.reference import grid_combine_ref, grid_relative_loglik_ref, weighted_projection_ref
 
-pytestmark = pytest.mark.skipif(not _ext.extension_available(), reason="fastland._C not built")
+needs_cpp = pytest.mark.skipif(not _ext.extension_available(), reason="fastland._C not built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 WP_CASES = [(4096, 10, 8), (256, 1000, 1)]  # (B, C, P)
 GC_CASES = [(8, 441, 784), (8, 441, 3072)]  # (N, G, D)
@@ -30,8 +33,7 @@ THREADS = int(os.environ.get("FASTLAND_BENCH_THREADS", "1"))
 
 
 @pytest.fixture(autouse=True)
-def _cpp_backend_and_threads(monkeypatch, benchmark):
-    monkeypatch.setenv("FASTLAND_BACKEND", "cpp")
+def _threads(benchmark):
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     benchmark.extra_info["threads"] = THREADS
@@ -46,6 +48,7 @@ def _gbps(nbytes: int, benchmark) -> str:
 # --------------------------------------------------------------------------- weighted_projection
 
 
+@needs_cpp
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
 @pytest.mark.parametrize("B, C, P", WP_CASES)
 def test_weighted_projection(benchmark, impl, B, C, P):
@@ -60,6 +63,7 @@ def test_weighted_projection(benchmark, impl, B, C, P):
 # --------------------------------------------------------------------------- grid_combine
 
 
+@needs_cpp
 @pytest.mark.parametrize("impl", ["clone", "copy_", "reference", "cpp"])
 @pytest.mark.parametrize("N, G, D", GC_CASES)
 def test_grid_combine(benchmark, impl, N, G, D):
@@ -83,6 +87,7 @@ def test_grid_combine(benchmark, impl, N, G, D):
 # --------------------------------------------------------------------------- grid_relative_loglik
 
 
+@needs_cpp
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
 @pytest.mark.parametrize("N, G, C", GRL_CASES)
 def test_grid_relative_loglik(benchmark, impl, N, G, C):
@@ -93,3 +98,52 @@ def test_grid_relative_loglik(benchmark, impl, N, G, C):
     benchmark(fn, logits, base)
     benchmark.extra_info["metric"] = _gbps(4 * (N * G * C + N * G + N), benchmark)
 
+
+
+# --------------------------------------------------------------------------- CUDA: Triton against the reference
+
+
+def _synchronised(fn):
+    def run(*args):
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("B, C, P", WP_CASES)
+def test_weighted_projection_cuda(benchmark, impl, B, C, P):
+    benchmark.group = f"ops-weighted_projection-B{B}-C{C}-P{P}-cuda"
+    logits, noise = torch.randn(B, C, device="cuda"), torch.randn(P, B, C, device="cuda")
+    fn = weighted_projection_ref if impl == "reference" else weighted_projection
+    benchmark.extra_info["baseline"] = impl == "reference"
+    benchmark(_synchronised(fn), logits, noise, "softmax")
+    benchmark.extra_info["metric"] = _gbps(4 * (B * C + 2 * P * B * C + B), benchmark)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("N, G, D", GC_CASES)
+def test_grid_combine_cuda(benchmark, impl, N, G, D):
+    benchmark.group = f"ops-grid_combine-N{N}-G{G}-D{D}-cuda"
+    base, u, v = torch.randn(3, N, D, device="cuda").unbind(0)
+    a, b = torch.randn(G, device="cuda"), torch.randn(G, device="cuda")
+    fn = grid_combine_ref if impl == "reference" else grid_combine
+    benchmark.extra_info["baseline"] = impl == "reference"
+    benchmark(_synchronised(fn), base, u, v, a, b)
+    benchmark.extra_info["metric"] = _gbps((N * G * D + 3 * N * D + 2 * G) * 4, benchmark)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("N, G, C", GRL_CASES)
+def test_grid_relative_loglik_cuda(benchmark, impl, N, G, C):
+    benchmark.group = f"ops-grid_relative_loglik-N{N}-G{G}-C{C}-cuda"
+    logits, base = torch.randn(N, G, C, device="cuda") * 5, torch.randn(N, device="cuda")
+    fn = grid_relative_loglik_ref if impl == "reference" else grid_relative_loglik
+    benchmark.extra_info["baseline"] = impl == "reference"
+    benchmark(_synchronised(fn), logits, base)
+    benchmark.extra_info["metric"] = _gbps(4 * (N * G * C + N * G + N), benchmark)

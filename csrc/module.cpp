@@ -1,6 +1,6 @@
-// Python module entry point for fastland._C. The kernels live in csrc/cpu/ and
-// register themselves with the dispatcher (TORCH_LIBRARY_IMPL(fastland, CPU, m));
-// loading this module is what makes those registrations happen.
+// Python module entry point for fastland._C. The CPU kernels (csrc/<op>.cpp, helpers in
+// csrc/cpu/) register themselves under the ops' own schemas, which fastland/ops/ defines
+// (TORCH_LIBRARY_IMPL(fastland, CPU, m)); loading this module makes those registrations.
 #include <torch/extension.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -2,7 +2,7 @@
 
 Everything here is written to be obviously correct, not fast. The fused ops
 (``fastland.ops``), the penalties, the landscapes and the flatness measure are
-all tested against these functions. The math is ``../shared/DESIGN.md`` §1:
+all tested against these functions. The math:
 
 * ``log p(x) = logsumexp_c f(x)_c`` (up to the constant ``log Z``),
 * ``Δlog p(x') = logsumexp f(x') - logsumexp f(x)``,
@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_eval_mode, check_same_device, check_tensor
+from ._checks import check_eval_mode, check_tensor
 
 __all__ = [
     "log_likelihood",
@@ -30,8 +30,11 @@ __all__ = [
     "input_score",
     "ams_score",
     "weighted_projection_ref",
+    "weighted_projection_backward_ref",
     "grid_combine_ref",
+    "grid_combine_backward_ref",
     "grid_relative_loglik_ref",
+    "grid_relative_loglik_backward_ref",
     "unit_sphere_noise",
     "jacobian_penalty_ref",
     "amsreg_penalty_ref",
@@ -120,6 +123,17 @@ def ams_score(model: nn.Module, x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- fused-op references
+#
+# The spec of each fused op of fastland.ops, forward and backward, in plain PyTorch ops
+# (differentiable, so autograd through them is the reference for every derivative). No
+# argument checks: the public ops check their arguments before any backend runs.
+
+
+def _normalised_noise(noise: Tensor) -> Tensor:
+    """``v = noise / ‖noise‖`` per row, ``1`` when C = 1: ``[P, B, C]``."""
+    if noise.shape[-1] == 1:
+        return torch.ones_like(noise)
+    return noise / noise.norm(dim=-1, keepdim=True)
 
 
 def weighted_projection_ref(
@@ -135,31 +149,37 @@ def weighted_projection_ref(
 
     Args:
         logits: ``[B, C]``.
-        noise: ``[P, B, C]``, e.g. standard normal (any scale: rows are normalised).
+        noise: ``[P, B, C]``, e.g. standard normal (any scale: rows are normalised);
+            cast to the dtype of ``logits``.
         weight: ``"softmax"`` or ``"uniform"``.
     Returns:
         ``(cotangents [P, B, C], lse [B])`` in the dtype of ``logits``.
     """
-    check_tensor("logits", logits, ndim=2)
-    check_tensor("noise", noise, ndim=3)
-    if weight not in WEIGHTS:
-        raise ValueError(f"weight: expected one of {WEIGHTS}, got {weight!r}")
-    if noise.shape[1:] != logits.shape:
-        raise ValueError(
-            f"noise: expected shape [P, {logits.shape[0]}, {logits.shape[1]}], got {tuple(noise.shape)}"
-        )
-    check_same_device(("logits", "noise"), (logits, noise))
-    noise = noise.to(logits.dtype)
-    if logits.shape[1] == 1:
-        v = torch.ones_like(noise)
-    else:
-        v = noise / noise.norm(dim=-1, keepdim=True)
+    v = _normalised_noise(noise.to(logits.dtype))
     lse = torch.logsumexp(logits, dim=-1)
-    if weight == "softmax":
-        cot = v * torch.softmax(logits, dim=-1)
-    else:
-        cot = v
+    cot = v * torch.softmax(logits, dim=-1) if weight == "softmax" else v
     return cot, lse
+
+
+def weighted_projection_backward_ref(
+    grad_cot: Tensor, grad_lse: Tensor, logits: Tensor, noise: Tensor, weight: str = "softmax"
+) -> Tensor:
+    """The gradient of :func:`weighted_projection_ref` w.r.t. ``logits`` (``noise`` is a constant).
+
+    With ``s = softmax(z)``: softmax weight ``w = Σ_p ḡ_cot[p] ⊙ v_p``,
+    ``ḡ_z = s ⊙ (ḡ_lse + w - ⟨w, s⟩)``; uniform weight ``ḡ_z = ḡ_lse · s``.
+
+    Args:
+        grad_cot: ``[P, B, C]``; grad_lse: ``[B]``; logits: ``[B, C]``; noise: ``[P, B, C]``.
+    Returns:
+        ``[B, C]``.
+    """
+    s = torch.softmax(logits, dim=-1)
+    if weight != "softmax":
+        return grad_lse.unsqueeze(-1) * s
+    w = (grad_cot * _normalised_noise(noise)).sum(0)
+    shift = grad_lse - (w * s).sum(-1)
+    return s * (w + shift.unsqueeze(-1))
 
 
 def grid_combine_ref(base: Tensor, u: Tensor, v: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -167,24 +187,35 @@ def grid_combine_ref(base: Tensor, u: Tensor, v: Tensor, a: Tensor, b: Tensor) -
 
     Args:
         base, u, v: ``[N, *S]``, same shape.
-        a, b: ``[G]`` grid coordinates along ``u`` and ``v``.
+        a, b: ``[G]`` grid coordinates along ``u`` and ``v`` (cast to the dtype of ``base``).
     Returns:
         ``[N, G, *S]``.
     """
-    check_tensor("base", base, min_ndim=1)
-    for name, t in (("u", u), ("v", v)):
-        check_tensor(name, t)
-        if t.shape != base.shape:
-            raise ValueError(f"{name}: expected shape {tuple(base.shape)} (that of base), got {tuple(t.shape)}")
-    check_tensor("a", a, ndim=1)
-    check_tensor("b", b, ndim=1)
-    if a.shape != b.shape:
-        raise ValueError(f"b: expected shape {tuple(a.shape)} (that of a), got {tuple(b.shape)}")
-    check_same_device(("base", "u", "v", "a", "b"), (base, u, v, a, b))
     extra = (1,) * (base.dim() - 1)
     a = a.to(base.dtype).view(1, -1, *extra)
     b = b.to(base.dtype).view(1, -1, *extra)
     return base.unsqueeze(1) + a * u.unsqueeze(1) + b * v.unsqueeze(1)
+
+
+def grid_combine_backward_ref(grad_out: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The adjoint of :func:`grid_combine_ref` in ``base, u, v``: ``Σ_g grad_out[:, g]·(1, a[g], b[g])``.
+
+    (The gradients to ``a`` and ``b`` are the contractions ``Σ_{n,s} grad_out[n, g, s]·u[n, s]``
+    and likewise with ``v``.)
+
+    Args:
+        grad_out: ``[N, G, *S]``; a, b: ``[G]``.
+    Returns:
+        three ``[N, *S]``.
+    """
+    flat = grad_out.reshape(grad_out.shape[0], grad_out.shape[1], -1)
+    shape = (grad_out.shape[0], *grad_out.shape[2:])
+    a, b = a.to(grad_out.dtype), b.to(grad_out.dtype)
+    return (
+        flat.sum(1).reshape(shape),
+        torch.einsum("ngd,g->nd", flat, a).reshape(shape),
+        torch.einsum("ngd,g->nd", flat, b).reshape(shape),
+    )
 
 
 def grid_relative_loglik_ref(logits: Tensor, base_lse: Tensor) -> Tensor:
@@ -196,12 +227,20 @@ def grid_relative_loglik_ref(logits: Tensor, base_lse: Tensor) -> Tensor:
     Returns:
         ``[N, G]``.
     """
-    check_tensor("logits", logits, ndim=3)
-    check_tensor("base_lse", base_lse, ndim=1)
-    if base_lse.shape[0] != logits.shape[0]:
-        raise ValueError(f"base_lse: expected shape [{logits.shape[0]}], got {tuple(base_lse.shape)}")
-    check_same_device(("logits", "base_lse"), (logits, base_lse))
     return torch.logsumexp(logits, dim=-1) - base_lse.to(logits.dtype).unsqueeze(1)
+
+
+def grid_relative_loglik_backward_ref(grad_out: Tensor, logits: Tensor) -> Tensor:
+    """The gradient of :func:`grid_relative_loglik_ref` w.r.t. ``logits``: ``grad_out[..., None] · softmax``.
+
+    (The gradient to ``base_lse`` is ``-Σ_g grad_out[:, g]``.)
+
+    Args:
+        grad_out: ``[N, G]``; logits: ``[N, G, C]``.
+    Returns:
+        ``[N, G, C]``.
+    """
+    return grad_out.unsqueeze(-1) * torch.softmax(logits, dim=-1)
 
 
 # --------------------------------------------------------------------------- penalties
@@ -335,7 +374,7 @@ def amsreg_penalty_ref(
 def signed_orthogonal_directions(
     x: Tensor, generator: Optional[torch.Generator] = None
 ) -> Tuple[Tensor, Tensor]:
-    """Two exactly orthogonal signed directions per sample (DESIGN §1).
+    """Two exactly orthogonal signed directions per sample.
 
     ``d1`` is Rademacher (``±1``); ``d2`` agrees with ``d1`` on a random half
     of the coordinates and disagrees on the other half, so ``d1·d2 = 0``

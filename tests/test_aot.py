@@ -1,7 +1,8 @@
-"""Ahead-of-time compiles of the Triton kernels for sm_80 and sm_90, with no GPU (fastland.ops.aot).
+"""Ahead-of-time compiles of the Triton kernels for sm_80 and sm_90, with no GPU (tools/triton_aot.py).
 
-The test process runs under ``TRITON_INTERPRET=1`` (tests/conftest.py), where the
-kernels are interpreter objects; :func:`fastland.ops.aot.compile_report` then
+Marked ``aot``: not part of ``make test``; ``make aot`` runs them. The test process runs
+under ``TRITON_INTERPRET=1`` (tests/conftest.py), where the kernels are interpreter
+objects; :func:`triton_aot.compile_report` then
 compiles in one subprocess without that variable. One module-scoped fixture
 compiles every kernel in float32 at the benchmark sizes and at 16-aligned sizes
 for both targets (20 distinct binaries, ~30-60 s cold here, cached by Triton
@@ -17,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
@@ -24,7 +26,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastland.ops import aot  # noqa: E402
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+import triton_aot as aot  # noqa: E402
+
+pytestmark = pytest.mark.aot
 
 TARGETS = tuple(aot.TARGETS)
 THREADS_PER_WARP = 32
@@ -76,7 +82,7 @@ def test_benchmark_launches_use_the_launchers_configuration(rows):
     """Each compile's block sizes and warps are one entry of the op's LAUNCH_CONFIGS (the one table)."""
     for r in rows:
         entries = aot._config_table(r.op, r.kind, getattr(torch, r.dtype))
-        assert sorted(r.params.values()) in [sorted(e) for e in entries], (r.kernel, r.params, entries)
+        assert r.params in [aot._config_params(r.op, e) for e in entries], (r.kernel, r.params, entries)
 
 
 # the tile each memory-bound kernel streams, and which of its global accesses carry it
@@ -139,10 +145,10 @@ def test_markdown_table_has_one_row_per_compile(rows):
 
 @pytest.mark.parametrize("op", aot.OPS)
 def test_sweep_launches_every_launch_config(op):
-    """The sweep's sizes make each launcher pick every entry of its LAUNCH_CONFIGS: the one it was made for.
+    """The sweep's sizes make each plan pick every entry of its LAUNCH_CONFIGS: the one it was made for.
 
-    Width-keyed tables (weighted_projection, grid_relative_loglik): an entry's first
-    field is the widest row it serves, its BLOCK_C (fastland.ops.utils.pick_config).
+    Width-keyed tables (weighted_projection, grid_relative_loglik): an entry's last block
+    size is the widest row it serves, its BLOCK_C (fastland.ops._scaffold.pick_config).
     """
     for kind in aot.KINDS:
         entries = aot._config_table(op, kind)
@@ -153,25 +159,26 @@ def test_sweep_launches_every_launch_config(op):
             (launch,) = aot.capture_launches(case, torch.float32)
             entry = entries[case.config_index]
             params = aot._launch_params(launch.kwargs)
-            assert sorted(params.values()) == sorted(entry), (case.label, params, entry)
-            assert params["num_warps"] == entry[-1]
+            assert params == aot._config_params(op, entry), (case.label, params, entry)
+            assert launch.kwargs["num_stages"] == entry.num_stages
             if op != "grid_combine":
-                assert params["BLOCK_C"] == entry[0] == dict(case.sizes)["C"]
+                assert params["BLOCK_C"] == entry.block[-1] == dict(case.sizes)["C"]
             seen.add(case.config_index)
         assert seen == set(range(len(entries)))
 
 
-def test_capture_runs_the_launcher_on_meta_tensors_and_restores_the_kernels():
+def test_capture_plans_on_meta_tensors_and_leaves_the_op_module_alone():
     module = _module("grid_combine")
-    before = dict(aot._kernel_attributes(module))
+    before = dict(vars(module))
     case = aot.SizeCase("grid_combine", "forward", (("N", 3), ("G", 5), ("D", 7)), "bench")
     (launch,) = aot.capture_launches(case, torch.bfloat16)
-    assert launch.kernel == "_grid_combine_fwd_kernel"
+    assert launch.name == "_grid_combine_fwd_kernel"
+    assert launch.kernel is module._grid_combine_fwd_kernel
     tensors = [a for a in launch.args if isinstance(a, torch.Tensor)]
     assert len(tensors) == 6 and all(t.device.type == "meta" and t.dtype == torch.bfloat16 for t in tensors)
-    assert tensors[-1].shape == (3, 5, 7)  # the output the launcher allocated
+    assert tensors[-1].shape == (3, 5, 7)  # the output the plan allocated
     assert launch.args[-2:] == (5, 7)  # G, D
-    assert all(aot._kernel_attributes(module)[k] is v for k, v in before.items())
+    assert all(vars(module)[k] is v for k, v in before.items())
 
 
 # --------------------------------------------------------------------------- floors on paper
@@ -253,7 +260,8 @@ def test_row_reports_spills_from_any_local_memory_use():
 FAILING_SCRIPT = textwrap.dedent(
     """
     import sys
-    from fastland.ops import aot
+    sys.path.insert(0, sys.argv[2])
+    import triton_aot as aot
     (job,) = aot.plan(["grid_combine"], ["float32"], ["sm_90"], ["bench"])[:1]
     job.options["num_warps"] = 3  # not a power of two: the compile must fail
     job.config = job.config.replace("num_warps=4", "num_warps=3")
@@ -265,7 +273,7 @@ FAILING_SCRIPT = textwrap.dedent(
 
 def test_a_failed_compile_fails_the_command_naming_kernel_config_dtype_target(tmp_path):
     out = tmp_path / "table.md"
-    done = subprocess.run([sys.executable, "-c", FAILING_SCRIPT, str(out)], env=_env_without_interpreter(),
+    done = subprocess.run([sys.executable, "-c", FAILING_SCRIPT, str(out), str(TOOLS)], env=_env_without_interpreter(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "1 of 1 ahead-of-time compiles failed" in done.stderr
@@ -292,7 +300,7 @@ def test_bad_arguments_are_named():
 def test_whole_sweep_compiles_without_spills(tmp_path):
     """Every kernel × configuration × dtype × target via the command line (several minutes cold)."""
     out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, "-m", "fastland.ops.aot", "--quiet", "--keep-going", "--workers", "2",
+    done = subprocess.run([sys.executable, str(TOOLS / "triton_aot.py"), "--quiet", "--keep-going", "--workers", "2",
                            "--json", str(out)], env=_env_without_interpreter(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [aot.Row(**r) for r in json.loads(out.read_text())]

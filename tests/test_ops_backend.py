@@ -1,6 +1,8 @@
-"""Backend choice, torch.library registration (opcheck, fake tensors) and torch.compile of the fused ops."""
+"""Backend choice (the dispatcher's, and FASTLAND_BACKEND's), the extension's loading,
+torch.library registration (opcheck, fake tensors), torch.compile and the launch tables."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,82 +12,225 @@ import pytest
 import torch
 
 from fastland import _ext
-from fastland.ops import backend_for, grid_combine, grid_relative_loglik, weighted_projection
+from fastland.ops import (
+    backend_for,
+    backend_refusal,
+    forced_backend,
+    grid_combine,
+    grid_relative_loglik,
+    refresh_backend,
+    weighted_projection,
+)
+from fastland.ops._scaffold import LaunchConfig, ops, pick_config
 from fastland.ops.utils import triton_available
 from fastland.reference import grid_combine_ref, grid_relative_loglik_ref, weighted_projection_ref
-from fastland.testing import skip_if_unavailable
+from fastland.testing import devices, skip_if_unavailable
+
+OP_MODULES = ("weighted_projection", "grid_combine", "grid_relative_loglik")
+KERNEL_CASES = [(b, d) for d in devices() for b in ("cpp", "triton", "reference") if not (b == "cpp" and d.type != "cpu")]
+
+
+@pytest.fixture(params=KERNEL_CASES, ids=lambda case: f"{case[0]}-{case[1].type}")
+def backend(request) -> str:
+    """Each (backend, device) in turn: the backend forced, the device the default one."""
+    name, device = request.param
+    reason = backend_refusal(name, device)
+    if reason is not None:
+        pytest.skip(reason)
+    with forced_backend(name), torch.device(device):
+        yield name
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend(monkeypatch):
+    """Every test starts from FASTLAND_BACKEND unset (auto), and leaves it so."""
+    monkeypatch.delenv("FASTLAND_BACKEND", raising=False)
+    refresh_backend()
+    yield
+    monkeypatch.delenv("FASTLAND_BACKEND", raising=False)
+    refresh_backend()
 
 
 # --------------------------------------------------------------------------- backend choice
 
 
 def test_auto_uses_the_cpp_kernels_on_cpu(monkeypatch):
-    monkeypatch.delenv("FASTLAND_BACKEND", raising=False)
     expected = "cpp" if _ext.extension_available() else "reference"
     assert backend_for(torch.zeros(1)) == expected
     monkeypatch.setenv("FASTLAND_BACKEND", "auto")
+    assert refresh_backend() == "auto"
     assert backend_for(torch.zeros(1)) == expected
 
 
 @pytest.mark.parametrize("value", ["reference", "REFERENCE", " cpp "])
-def test_explicit_backends(monkeypatch, value):
+def test_explicit_backends(value):
     skip_if_unavailable("cpp")
-    monkeypatch.setenv("FASTLAND_BACKEND", value)
-    assert backend_for(torch.zeros(1)) == value.strip().lower()
+    with forced_backend(value) as got:
+        assert got == value.strip().lower()
+        assert backend_for(torch.zeros(1)) == got
+
+
+def test_the_variable_is_read_at_refresh_not_at_every_call(monkeypatch):
+    skip_if_unavailable("cpp")
+    monkeypatch.setenv("FASTLAND_BACKEND", "reference")
+    assert backend_for(torch.zeros(1)) == "cpp"  # cached: auto until the refresh
+    refresh_backend()
+    assert backend_for(torch.zeros(1)) == "reference"
+
+
+def test_forced_reference_replaces_the_cpp_kernel_and_the_refresh_restores_it():
+    """Bitwise: the forced reference gives the reference's numbers, auto the C++ kernel's again."""
+    skip_if_unavailable("cpp")
+    logits, base = torch.randn(3, 50, 10), torch.randn(3)
+    cpp = grid_relative_loglik(logits, base)
+    want = grid_relative_loglik_ref(logits, base)
+    assert not torch.equal(cpp, want)  # the polynomial exp/log differ in the last bits
+    with forced_backend("reference"):
+        assert torch.equal(grid_relative_loglik(logits, base), want)
+    assert torch.equal(grid_relative_loglik(logits, base), cpp)
+
+
+def test_one_dispatcher_trip_per_call():
+    """The public function calls fastland::<op> once; no second op (the C++ kernel sits under it)."""
+    logits, base = torch.randn(2, 3, 4), torch.randn(2)
+    with torch.autograd.profiler.profile() as prof:
+        grid_relative_loglik(logits, base)
+    names = [e.name for e in prof.function_events if e.name.startswith("fastland::")]
+    assert names == ["fastland::grid_relative_loglik"]
+    if _ext.extension_available():
+        for name in ops():
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastland::{name}", "CPU"), name
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     if not triton_available():
         pytest.skip("triton not installed")
-    monkeypatch.setenv("FASTLAND_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend_for(torch.zeros(1)) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="FASTLAND_BACKEND=triton: expected CUDA tensors"):
-        backend_for(torch.zeros(1))
+    with forced_backend("triton"):
+        assert backend_for(torch.zeros(1)) == "triton"
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="FASTLAND_BACKEND=triton: expected CUDA tensors"):
+            backend_for(torch.zeros(1))
+        with pytest.raises(ValueError, match="FASTLAND_BACKEND=triton: expected CUDA tensors .*got a tensor on cpu"):
+            grid_relative_loglik(torch.randn(2, 3, 4), torch.randn(2))
 
 
-def test_unknown_backend_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("FASTLAND_BACKEND", "cuda-magic")
-    with pytest.raises(ValueError, match=r"FASTLAND_BACKEND: expected one of .*got 'cuda-magic'"):
-        backend_for(torch.zeros(1))
-    with pytest.raises(ValueError, match="FASTLAND_BACKEND"):
-        weighted_projection(torch.randn(2, 3), torch.randn(1, 2, 3))
+def test_unknown_backend_is_a_clear_error():
+    with forced_backend("cuda-magic"):
+        with pytest.raises(ValueError, match=r"FASTLAND_BACKEND: expected one of .*got 'cuda-magic'"):
+            backend_for(torch.zeros(1))
+        with pytest.raises(ValueError, match="FASTLAND_BACKEND: expected one of"):
+            weighted_projection(torch.randn(2, 3), torch.randn(1, 2, 3))
+    weighted_projection(torch.randn(2, 3), torch.randn(1, 2, 3))  # restored
 
 
-def test_cpp_backend_refuses_non_cpu_tensors(monkeypatch):
-    monkeypatch.setenv("FASTLAND_BACKEND", "cpp")
-    with pytest.raises(ValueError, match="FASTLAND_BACKEND=cpp: expected CPU tensors, got a tensor on meta"):
-        backend_for(torch.zeros(1, device="meta"))
+def test_cpp_backend_refuses_non_cpu_tensors():
+    with forced_backend("cpp"):
+        with pytest.raises(ValueError, match="FASTLAND_BACKEND=cpp: expected CPU tensors, got a tensor on meta"):
+            backend_for(torch.zeros(1, device="meta"))
+    assert backend_refusal("cpp", torch.device("meta")).startswith("FASTLAND_BACKEND=cpp: expected CPU")
+    assert backend_refusal("reference", torch.device("meta")) is None
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        backend_refusal("auto", torch.device("cpu"))
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
-    full_env.pop("FASTLAND_BACKEND", None)
+    if "FASTLAND_BACKEND" not in env:
+        full_env.pop("FASTLAND_BACKEND", None)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
 
 
-def test_missing_extension_falls_back_to_the_reference_with_one_warning():
-    code = (
-        "import sys, json, warnings\n"
-        "sys.modules['fastland._C'] = None  # makes `import fastland._C` fail, as when it is not built\n"
-        "import torch\n"
-        "from fastland.ops import backend_for, grid_relative_loglik\n"
-        "from fastland.reference import grid_relative_loglik_ref\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    backends = [backend_for(torch.zeros(1)) for _ in range(3)]\n"
-        "    x, b = torch.randn(2, 3, 4), torch.randn(2)\n"
-        "    ok = torch.equal(grid_relative_loglik(x, b), grid_relative_loglik_ref(x, b))\n"
-        "print(json.dumps({'backends': backends, 'ok': ok,"
-        " 'warnings': [str(m.message) for m in w if 'fastland._C' in str(m.message)]}))\n"
-    )
-    res = _run_python(code)
+_WITHOUT_EXTENSION = (
+    "import sys, json, warnings\n"
+    "sys.modules['fastland._C'] = None  # makes `import fastland._C` fail, as when it is not built\n"
+    "from fastland import _ext\n"
+    "_ext._SKIP_MARKER = sys.argv[1]\n"
+    "import torch\n"
+    "with warnings.catch_warnings(record=True) as w:\n"
+    "    warnings.simplefilter('always')\n"
+    "    from fastland.ops import backend_for, grid_relative_loglik\n"
+    "    from fastland.reference import grid_relative_loglik_ref\n"
+    "    x, b = torch.randn(2, 3, 4), torch.randn(2)\n"
+    "    backends = []\n"
+    "    try:\n"
+    "        backends = [backend_for(torch.zeros(1)) for _ in range(3)]\n"
+    "        ok, error = torch.equal(grid_relative_loglik(x, b), grid_relative_loglik_ref(x, b)), None\n"
+    "    except ValueError as err:\n"
+    "        ok, error = None, str(err)\n"
+    "print(json.dumps({'backends': backends, 'ok': ok, 'error': error,"
+    " 'warnings': [str(m.message) for m in w if 'fastland._C' in str(m.message)]}))\n"
+)
+
+
+def _without_extension(tmp_path, marker: bool, **env) -> dict:
+    path = tmp_path / "_C.skipped"
+    if marker:
+        path.write_text("skipped\n")
+    code = _WITHOUT_EXTENSION.replace("sys.argv[1]", repr(str(path)))
+    res = _run_python(code, **env)
     assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_missing_extension_falls_back_to_the_reference_with_one_warning(tmp_path):
+    out = _without_extension(tmp_path, marker=False)
     assert out["backends"] == ["reference"] * 3
     assert out["ok"] is True
     assert len(out["warnings"]) == 1
+    assert "import failed" in out["warnings"][0] and "build it with" in out["warnings"][0]
+
+
+def test_a_deliberately_skipped_extension_is_named_so(tmp_path):
+    """After a FASTLAND_SKIP_EXT=1 install the warning says so, and how to build it if wanted."""
+    (message,) = _without_extension(tmp_path, marker=True)["warnings"]
+    assert "installed with FASTLAND_SKIP_EXT=1" in message and "deliberate" in message
+    assert "build it with" not in message and "reinstall with" in message
+
+
+def test_forced_cpp_without_the_extension_is_a_clear_error(tmp_path):
+    out = _without_extension(tmp_path, marker=False, FASTLAND_BACKEND="cpp")
+    assert out["ok"] is None
+    assert out["error"].startswith("FASTLAND_BACKEND=cpp: the C++ extension fastland._C is not available")
+
+
+# --------------------------------------------------------------------------- launch tables
+
+
+@pytest.mark.parametrize("op", OP_MODULES)
+def test_every_op_has_its_launch_table_in_one_shape(op):
+    module = importlib.import_module(f"fastland.ops.{op}")
+    assert set(module.LAUNCH_CONFIGS) == {"forward", "backward"}
+    for kind, table in module.LAUNCH_CONFIGS.items():
+        assert table and all(isinstance(c, LaunchConfig) and len(c.block) == len(module.BLOCK_NAMES) for c in table)
+        widths = [c.block[-1] for c in table]
+        assert widths == sorted(widths)
+        for dtype in (torch.float16, torch.float32, torch.float64):
+            chosen = module.launch_configs(kind, dtype)
+            assert chosen and set(chosen) <= set(table)
+    assert pick_config(module.LAUNCH_CONFIGS["forward"], 1) == module.LAUNCH_CONFIGS["forward"][0]
+
+
+def test_float64_rows_stop_where_they_would_spill():
+    wp = importlib.import_module("fastland.ops.weighted_projection")
+
+    assert max(c.block[-1] for c in wp.launch_configs("forward", torch.float64)) == 4096
+    assert max(c.block[-1] for c in wp.launch_configs("forward", torch.float32)) == 8192
+
+
+def test_plans_launch_the_table_entry_for_the_row_width():
+    """A plan on meta tensors (nothing runs): the entry picked for C, its warps and stages."""
+    if not triton_available():
+        pytest.skip("triton not installed")
+    grl = importlib.import_module("fastland.ops.grid_relative_loglik")
+
+    logits, base = torch.empty(4, 7, 100, device="meta"), torch.empty(4, device="meta")
+    out, (launch,) = grl.forward_plan(logits, base)
+    cfg = pick_config(grl.LAUNCH_CONFIGS["forward"], 100)
+    assert cfg.block == (8, 256) and out.shape == (4, 7)
+    assert (launch.kwargs["BLOCK_R"], launch.kwargs["BLOCK_C"]) == cfg.block
+    assert launch.kwargs["num_warps"] == cfg.num_warps and launch.kwargs["num_stages"] == cfg.num_stages
+    assert launch.grid == (-(-28 // 8),) and launch.name == "_grid_relative_loglik_fwd_kernel"
 
 
 # --------------------------------------------------------------------------- torch.library
@@ -115,23 +260,16 @@ def _op_samples():
     ]
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_opcheck(monkeypatch, backend):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of each op."""
-    skip_if_unavailable(backend)
-    monkeypatch.setenv("FASTLAND_BACKEND", backend)
-    for op, args in _op_samples():
-        torch.library.opcheck(
-            op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-        )
-
-
-def test_opcheck_triton(monkeypatch):
-    """The Triton path under the interpreter, fake-tensor and autograd-registration checks."""
-    skip_if_unavailable("triton")
-    monkeypatch.setenv("FASTLAND_BACKEND", "triton")
-    for op, args in _op_samples():
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+def test_opcheck(backend):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of each op
+    (the interpreted Triton path skips the slow AOT-dispatch check)."""
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
+    if backend == "triton" and torch.get_default_device().type == "cpu":
+        utils.pop()
+    samples = _op_samples()
+    assert {op.name().split("::")[1] for op, _ in samples} == set(ops())  # every op is checked
+    for op, args in samples:
+        torch.library.opcheck(op, args, test_utils=tuple(utils))
 
 
 def test_fake_tensors_give_shapes_without_computing():
@@ -147,11 +285,8 @@ def test_fake_tensors_give_shapes_without_computing():
     assert rel.shape == (2, 9)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_torch_compile_fullgraph_traces_every_op(monkeypatch, backend):
+def test_torch_compile_fullgraph_traces_every_op(backend):
     """One function using all three ops, forward and backward, compiled with fullgraph=True."""
-    skip_if_unavailable(backend)
-    monkeypatch.setenv("FASTLAND_BACKEND", backend)
     torch._dynamo.reset()
 
     def f(z, noise, base, u, v, a, b, logits, base_lse):
@@ -186,10 +321,9 @@ def test_torch_compile_fullgraph_traces_every_op(monkeypatch, backend):
 
 
 @pytest.mark.slow
-def test_torch_compile_inductor(monkeypatch):
+def test_torch_compile_inductor():
     """The default (inductor) backend also compiles a function using the ops (slow: C++ codegen)."""
     skip_if_unavailable("cpp")
-    monkeypatch.setenv("FASTLAND_BACKEND", "cpp")
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True)
@@ -200,3 +334,43 @@ def test_torch_compile_inductor(monkeypatch):
     z, noise = torch.randn(4, 10), torch.randn(2, 4, 10)
     want = grid_relative_loglik_ref(logits * 2, base_lse).sum() + weighted_projection_ref(z, noise)[1].sum()
     torch.testing.assert_close(f(logits, base_lse, z, noise), want)
+
+
+# --------------------------------------------------------------------------- the GPU check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_without_a_gpu_is_one_line_and_exit_0(tmp_path):
+    """Here (no GPU, or one pretended absent) benchmarks/gpu_check.sh says so in one line, does nothing."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    envs = [{"FASTLAND_GPU_CHECK_NO_GPU": "1"}]
+    if subprocess.run("command -v nvidia-smi", shell=True, capture_output=True).returncode != 0:
+        envs.append({})  # no nvidia-smi at all: the plain call skips too
+    for extra in envs:
+        res = subprocess.run(["bash", script, str(tmp_path / "out")], capture_output=True, text=True,
+                             env={**os.environ, **extra}, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ["gpu_check: no NVIDIA GPU found (nvidia-smi lists none); nothing to do"]
+        assert res.stderr == "" and not (tmp_path / "out").exists()
+
+
+def test_gpu_check_summary_reads_steps_tests_and_benchmarks(tmp_path):
+    (tmp_path / "steps.txt").write_text("install 0 120\ntests 1 60\n")
+    (tmp_path / "gpu.txt").write_text("GPU 0: NVIDIA H100 (UUID: x)\n")
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_ops_grid_combine" name="test_a[triton-cuda]"><failure/></testcase>'
+        '<testcase classname="t" name="b"/><testcase classname="t" name="c"><skipped/></testcase>'
+        '</testsuite></testsuites>')
+    (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": [
+        {"name": "test_grid_combine_cuda[8-441-784-triton]", "group": "g", "extra_info": {"metric": "900 GB/s"},
+         "stats": {"mean": 2e-5, "min": 1e-5, "rounds": 10}}]}))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check_summary.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1  # a step failed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] is False and summary["tests"]["failed"] == ["tests.test_ops_grid_combine::test_a[triton-cuda]"]
+    assert summary["benchmarks"][0]["mean_us"] == pytest.approx(20.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| tests | 1 | 60 |" in md and "3 tests: 1 failed, 0 errors, 1 skipped" in md and "900 GB/s" in md

@@ -1,9 +1,9 @@
-"""fastland.ops.weighted_projection on every backend against the reference (fastland.reference).
+"""fastland.ops.weighted_projection on every backend and device against the reference (fastland.reference).
 
-Backends: C++ (``cpp``), Triton under ``TRITON_INTERPRET=1`` (``triton``, CPU
-tensors) and the reference itself (``reference``, which runs through the
-custom op and the fused backward formula). The interpreter costs ~2 ms per
-program instance, so Triton sees a representative subset of the size grid.
+Backends: C++ (``cpp``, CPU), Triton (``triton``: CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and the reference itself (``reference``, which runs through the
+op and its backward op). The interpreter costs ~2 ms per program instance, so Triton
+sees a representative subset of the size grid.
 """
 from __future__ import annotations
 
@@ -12,16 +12,32 @@ import itertools
 import pytest
 import torch
 
-from fastland.ops import weighted_projection
-from fastland.reference import weighted_projection_ref
-from fastland.testing import assert_close_to_reference, tolerance
+from fastland.ops import backend_refusal, forced_backend, weighted_projection
+from fastland.reference import weighted_projection_backward_ref, weighted_projection_ref
+from fastland.testing import assert_close_to_reference, devices, tolerance
 
 DTYPES = (torch.float32, torch.float64)
-# (B, C, P): every value of each axis of the issue's grid, capped at 60k elements per
+# (B, C, P): every value of each axis of the size grid, capped at 60k elements per
 # case to keep the file fast; the largest shapes are covered by one forward case.
 FULL_GRID = [c for c in itertools.product((1, 7, 513), (1, 3, 10, 100, 1000), (1, 4)) if c[0] * c[1] * c[2] <= 60_000]
 LARGE_CASE = (513, 1000, 4)
 TRITON_GRID = [(1, 1, 1), (7, 3, 4), (513, 10, 4), (7, 100, 1), (7, 1000, 4)]
+
+
+# (backend, device): every backend on CPU (Triton under the interpreter), Triton and the
+# reference on CUDA where present. The fixture forces the backend (FASTLAND_BACKEND) and
+# makes the device the default one, so each test's tensors live there.
+KERNEL_CASES = [(b, d) for d in devices() for b in ("cpp", "triton", "reference") if not (b == "cpp" and d.type != "cpu")]
+
+
+@pytest.fixture(params=KERNEL_CASES, ids=lambda case: f"{case[0]}-{case[1].type}")
+def backend(request) -> str:
+    name, device = request.param
+    reason = backend_refusal(name, device)
+    if reason is not None:
+        pytest.skip(reason)
+    with forced_backend(name), torch.device(device):
+        yield name
 
 
 def _cases(backend: str, large: bool = False):
@@ -69,6 +85,18 @@ def test_gradient_matches_reference(backend, dtype, weight):
         (ref,) = torch.autograd.grad((rc * g_cot.double()).sum() + (rl * g_lse.double()).sum(), z64)
         atol, rtol = tolerance(dtype).values()
         torch.testing.assert_close(grad.double(), ref, atol=atol * 10, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("softmax", (True, False))
+def test_backward_op_matches_backward_reference(backend, softmax):
+    """The op fastland::weighted_projection_backward itself against its reference, float64."""
+    for B, C, P in _cases(backend):
+        logits, noise = _inputs(B, C, P, torch.float64)
+        g_cot, g_lse = torch.randn(P, B, C, dtype=torch.float64), torch.randn(B, dtype=torch.float64)
+        got = torch.ops.fastland.weighted_projection_backward(g_cot, g_lse, logits, noise, softmax)
+        weight = "softmax" if softmax else "uniform"
+        want = weighted_projection_backward_ref(g_cot, g_lse, logits, noise, weight)
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
 
 
 @pytest.mark.parametrize("weight", ("softmax", "uniform"))
@@ -213,3 +241,24 @@ def test_bad_arguments_are_clear_errors(logits, noise, weight, err, match):
 def test_noise_that_requires_grad_is_refused():
     with pytest.raises(ValueError, match="noise: expected a tensor that does not require grad"):
         weighted_projection(torch.randn(2, 3), torch.randn(1, 2, 3, requires_grad=True))
+
+
+@pytest.mark.parametrize("batched", (True, False))
+@pytest.mark.parametrize("name", ("amsreg", "jacobian"))
+def test_penalties_batched_and_looped_match_the_reference(backend, name, batched):
+    """The penalties built on this op (one batched backward, or a loop) against the reference, and their
+    parameter gradients: exact estimator (no sampling noise), float64, on the fixture's device."""
+    from fastland.penalties import amsreg_loss, jacobian_loss
+    from fastland.reference import amsreg_penalty_ref, jacobian_penalty_ref
+
+    loss, ref_penalty = (amsreg_loss, amsreg_penalty_ref) if name == "amsreg" else (jacobian_loss, jacobian_penalty_ref)
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).double()
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    got = loss(model(x), x, estimator="exact", reduction="none", batched=batched)
+    want = ref_penalty(model(x), x, estimator="exact")
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    g_got = torch.autograd.grad(got.sum(), list(model.parameters()), materialize_grads=True)
+    g_want = torch.autograd.grad(want.sum(), list(model.parameters()), materialize_grads=True)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

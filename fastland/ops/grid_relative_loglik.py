@@ -1,34 +1,45 @@
-"""Fused op ``grid_relative_loglik`` (DESIGN §2.3): ``Δlog p`` at every grid point.
+"""Fused op ``grid_relative_loglik``: ``Δlog p`` at every grid point.
 
 ``grid_relative_loglik(logits [N, G, C], base_lse [N]) -> [N, G]``,
 ``out[n, g] = logsumexp(logits[n, g]) - base_lse[n]``, max-shifted (finite for
 ``|logits| ~ 1e4``), one pass over the logits.
 
-Backward: ``ḡ_logits[n, g] = ḡ[n, g]·softmax(logits[n, g])`` — the custom op
-``fastland::grid_relative_loglik_backward``, whose own backward is written in
-differentiable PyTorch ops — and ``ḡ_base_lse[n] = -Σ_g ḡ[n, g]``.
+Backward: ``ḡ_logits[n, g] = ḡ[n, g]·softmax(logits[n, g])`` — the op
+``fastland::grid_relative_loglik_backward``
+(:func:`fastland.reference.grid_relative_loglik_backward_ref`), whose own backward is
+written below in differentiable PyTorch ops — and ``ḡ_base_lse[n] = -Σ_g ḡ[n, g]``.
+
+Kernels: Triton here (``_grid_relative_loglik_{fwd,bwd}_kernel``, CUDA), C++ in
+``csrc/grid_relative_loglik.cpp`` (CPU); wiring by :mod:`fastland.ops._scaffold`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import reference as ref
 from .._checks import check_same_device, check_tensor
-from ..reference import grid_relative_loglik_ref
-from .utils import backend_for, contiguous, cpp_compute_dtype, pick_config, triton_acc_dtype, triton_available
+from ._scaffold import TRITON_DTYPES, Launch, LaunchConfig, define, pick_config
+from .utils import triton_acc_dtype, triton_available
 
-__all__ = ["grid_relative_loglik", "LAUNCH_CONFIGS"]
+__all__ = ["grid_relative_loglik", "LAUNCH_CONFIGS", "BLOCK_NAMES", "launch_configs"]
 
-# Triton launch configurations, the one table the launchers (and ahead-of-time
-# compilation) read: (largest C covered = BLOCK_C, BLOCK_R grid points per program,
-# num_warps), sorted by BLOCK_C; wider rows than the last entry use the reference ops.
-LAUNCH_CONFIGS: Dict[str, Tuple[Tuple[int, int, int], ...]] = {
-    "forward": ((16, 128, 4), (64, 32, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (16384, 1, 16)),
-    "backward": ((16, 128, 4), (64, 32, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (16384, 1, 16)),
-}
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Triton launch configurations, the one table the launchers (and the ahead-of-time tool)
+# read: ((BLOCK_R grid points, BLOCK_C = widest C covered), num_warps, num_stages), sorted
+# by BLOCK_C; wider rows than the last entry use the reference.
+BLOCK_NAMES = ("BLOCK_R", "BLOCK_C")
+_TABLE = (
+    LaunchConfig((128, 16), 4), LaunchConfig((32, 64), 4), LaunchConfig((8, 256), 4),
+    LaunchConfig((2, 1024), 4), LaunchConfig((1, 4096), 8), LaunchConfig((1, 16384), 16),
+)
+LAUNCH_CONFIGS: Dict[str, Tuple[LaunchConfig, ...]] = {"forward": _TABLE, "backward": _TABLE}
+
+
+def launch_configs(kind: str, dtype: torch.dtype) -> Tuple[LaunchConfig, ...]:
+    """The entries of ``LAUNCH_CONFIGS[kind]`` the kernels use for ``dtype`` (the same for every dtype)."""
+    return LAUNCH_CONFIGS[kind]
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -37,17 +48,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _row_softmax(z_ptr, rows, cols, R, C, ACC_DTYPE: tl.constexpr):
-        """Softmax numerators ``exp(z - max)``, their sum and the max of a [BLOCK_R, BLOCK_C] block."""
-        rmask = rows < R
-        mask = rmask[:, None] & (cols < C)[None, :]
-        z = tl.load(z_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        z = tl.where(mask, z, float("-inf"))
-        m = tl.where(rmask, tl.max(z, axis=1), 0.0)
-        e = tl.exp(z - m[:, None])
-        s = tl.where(rmask, tl.sum(e, axis=1), 1.0)
-        return e, s, m
+    from ._triton import row_softmax
 
     @triton.jit
     def _grid_relative_loglik_fwd_kernel(
@@ -57,7 +58,7 @@ if triton_available():
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < R
-        _, s, m = _row_softmax(z_ptr, rows, cols, R, C, ACC_DTYPE)
+        _, s, m = row_softmax(z_ptr, rows, cols, R, C, ACC_DTYPE)
         base = tl.load(base_ptr + rows // G, mask=rmask, other=0.0).to(ACC_DTYPE)
         tl.store(out_ptr + rows, (m + tl.log(s) - base).to(out_ptr.dtype.element_ty), mask=rmask)
 
@@ -69,143 +70,50 @@ if triton_available():
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < R
-        e, s, _ = _row_softmax(z_ptr, rows, cols, R, C, ACC_DTYPE)
+        e, s, _ = row_softmax(z_ptr, rows, cols, R, C, ACC_DTYPE)
         g = tl.load(gout_ptr + rows, mask=rmask, other=0.0).to(ACC_DTYPE)
         gz = e * (g / s)[:, None]
         mask = rmask[:, None] & (cols < C)[None, :]
         tl.store(gz_ptr + rows[:, None] * C + cols[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
-def _triton_serves(logits: Tensor) -> bool:
-    return logits.dtype in TRITON_DTYPES and pick_config(LAUNCH_CONFIGS["forward"], logits.shape[2]) is not None
+def _launch(kernel, args: tuple, R: int, C: int, kind: str, dtype: torch.dtype) -> Launch:
+    cfg = pick_config(launch_configs(kind, dtype), C)
+    block_r, block_c = cfg.block
+    return Launch(kernel, (triton.cdiv(R, block_r),), args, dict(
+        ACC_DTYPE=triton_acc_dtype(dtype), BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ))
 
 
-def _triton_config(kind: str, C: int) -> Tuple[int, int, int]:
-    cfg = pick_config(LAUNCH_CONFIGS[kind], C)
-    if cfg is None:
-        raise ValueError(f"logits: the Triton kernels take C <= {LAUNCH_CONFIGS[kind][-1][0]}, got C = {C}")
-    return cfg
-
-
-def grid_relative_loglik_forward_triton(logits: Tensor, base_lse: Tensor) -> Tensor:
-    """Launch the forward kernel; logits ``[N, G, C]``, base_lse ``[N]`` contiguous, one dtype."""
+def forward_plan(logits: Tensor, base_lse: Tensor) -> Tuple[Tensor, List[Launch]]:
+    """Output ``[N, G]`` and launches of the forward; logits ``[N, G, C]``, base_lse ``[N]`` contiguous."""
     N, G, C = logits.shape
     out = logits.new_empty((N, G))
     R = N * G
     if R == 0:
-        return out
-    block_c, block_r, num_warps = _triton_config("forward", C)
-    _grid_relative_loglik_fwd_kernel[(triton.cdiv(R, block_r),)](
-        logits, base_lse, out, R, G, C,
-        ACC_DTYPE=triton_acc_dtype(logits.dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return out
+        return out, []
+    return out, [_launch(_grid_relative_loglik_fwd_kernel, (logits, base_lse, out, R, G, C), R, C, "forward",
+                         logits.dtype)]
 
 
-def grid_relative_loglik_backward_triton(grad_out: Tensor, logits: Tensor) -> Tensor:
-    """Launch the backward kernel: ``grad_out[..., None] * softmax(logits)``, ``[N, G, C]``."""
+def backward_plan(grad_out: Tensor, logits: Tensor) -> Tuple[Tensor, List[Launch]]:
+    """Output ``grad_out[..., None] * softmax(logits)`` ``[N, G, C]`` and launches of the backward."""
     N, G, C = logits.shape
     grad_logits = torch.empty_like(logits)
     R = N * G
     if R == 0:
-        return grad_logits
-    block_c, block_r, num_warps = _triton_config("backward", C)
-    _grid_relative_loglik_bwd_kernel[(triton.cdiv(R, block_r),)](
-        grad_out, logits, grad_logits, R, C,
-        ACC_DTYPE=triton_acc_dtype(logits.dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return grad_logits
+        return grad_logits, []
+    return grad_logits, [_launch(_grid_relative_loglik_bwd_kernel, (grad_out, logits, grad_logits, R, C), R, C,
+                                 "backward", logits.dtype)]
 
 
-# --------------------------------------------------------------------------- C++ and PyTorch paths
+def _serves(logits: Tensor) -> bool:
+    return logits.dtype in TRITON_DTYPES and pick_config(
+        launch_configs("forward", logits.dtype), logits.shape[2]) is not None
 
 
-def grid_relative_loglik_forward_cpp(logits: Tensor, base_lse: Tensor) -> Tensor:
-    """The C++ kernel (csrc/cpu/grid_relative_loglik.cpp); half precision computed in float32."""
-    dt = cpp_compute_dtype(logits.dtype)
-    return torch.ops.fastland.cpp_grid_relative_loglik_forward(logits.to(dt), base_lse.to(dt)).to(logits.dtype)
-
-
-def grid_relative_loglik_backward_cpp(grad_out: Tensor, logits: Tensor) -> Tensor:
-    """The C++ backward kernel; half precision computed in float32."""
-    dt = cpp_compute_dtype(logits.dtype)
-    return torch.ops.fastland.cpp_grid_relative_loglik_backward(grad_out.to(dt), logits.to(dt)).to(logits.dtype)
-
-
-def grid_relative_loglik_backward_reference(grad_out: Tensor, logits: Tensor) -> Tensor:
-    """``grad_out[..., None] * softmax(logits)`` in PyTorch ops: ``[N, G, C]``."""
-    return grad_out.unsqueeze(-1) * torch.softmax(logits, dim=-1)
-
-
-_FORWARD: Dict[str, Callable[..., Tensor]] = {
-    "triton": grid_relative_loglik_forward_triton,
-    "cpp": grid_relative_loglik_forward_cpp,
-    "reference": grid_relative_loglik_ref,
-}
-_BACKWARD: Dict[str, Callable[..., Tensor]] = {
-    "triton": grid_relative_loglik_backward_triton,
-    "cpp": grid_relative_loglik_backward_cpp,
-    "reference": grid_relative_loglik_backward_reference,
-}
-
-
-def _backend(logits: Tensor) -> str:
-    backend = backend_for(logits)
-    if backend == "triton" and not _triton_serves(logits):
-        return "reference"
-    return backend
-
-
-# --------------------------------------------------------------------------- custom ops
-
-
-@torch.library.custom_op("fastland::grid_relative_loglik", mutates_args=())
-def _grid_relative_loglik_op(logits: Tensor, base_lse: Tensor) -> Tensor:
-    """logits ``[N, G, C]``, base_lse ``[N]`` (one dtype and device) -> ``[N, G]``."""
-    backend = _backend(logits)
-    if backend != "reference":
-        logits, base_lse = contiguous(logits, base_lse)
-    return _FORWARD[backend](logits, base_lse)
-
-
-@_grid_relative_loglik_op.register_fake
-def _(logits: Tensor, base_lse: Tensor) -> Tensor:
-    return logits.new_empty(logits.shape[:2])
-
-
-@torch.library.custom_op("fastland::grid_relative_loglik_backward", mutates_args=())
-def _grid_relative_loglik_backward_op(grad_out: Tensor, logits: Tensor) -> Tensor:
-    """grad_out ``[N, G]``, logits ``[N, G, C]`` -> ``grad_out[..., None] * softmax(logits)``."""
-    backend = _backend(logits)
-    if backend != "reference":
-        grad_out, logits = contiguous(grad_out, logits)
-    return _BACKWARD[backend](grad_out, logits)
-
-
-@_grid_relative_loglik_backward_op.register_fake
-def _(grad_out: Tensor, logits: Tensor) -> Tensor:
-    return torch.empty_like(logits)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    logits, base_lse = inputs
-    ctx.save_for_backward(logits)
-
-
-def _backward(ctx, grad_out: Tensor):
-    (logits,) = ctx.saved_tensors
-    need_logits, need_base = ctx.needs_input_grad
-    g_logits = _grid_relative_loglik_backward_op(grad_out, logits) if need_logits else None
-    g_base = -grad_out.sum(1) if need_base else None
-    return g_logits, g_base
-
-
-_grid_relative_loglik_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _setup_context_bwd(ctx, inputs, output) -> None:
-    grad_out, logits = inputs
-    ctx.save_for_backward(grad_out, logits)
+# --------------------------------------------------------------------------- ops and autograd
 
 
 def _backward_bwd(ctx, grad: Tensor):
@@ -218,7 +126,45 @@ def _backward_bwd(ctx, grad: Tensor):
     return qs, d_logits
 
 
-_grid_relative_loglik_backward_op.register_autograd(_backward_bwd, setup_context=_setup_context_bwd)
+def _save_bwd(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+_backward_op = define(
+    "grid_relative_loglik_backward",
+    "(Tensor grad_out, Tensor logits) -> Tensor",
+    reference=ref.grid_relative_loglik_backward_ref,
+    fake=lambda grad_out, logits: torch.empty_like(logits),
+    triton_plan=backward_plan if triton_available() else None,
+    triton_serves=lambda grad_out, logits: _serves(logits),
+    backward=_backward_bwd,
+    setup_context=_save_bwd,
+)
+
+
+def _backward(ctx, grad_out: Tensor):
+    (logits,) = ctx.saved_tensors
+    need_logits, need_base = ctx.needs_input_grad
+    g_logits = _backward_op(grad_out, logits) if need_logits else None
+    g_base = -grad_out.sum(1) if need_base else None
+    return g_logits, g_base
+
+
+def _save(ctx, inputs, output) -> None:
+    logits, base_lse = inputs
+    ctx.save_for_backward(logits)
+
+
+_op = define(
+    "grid_relative_loglik",
+    "(Tensor logits, Tensor base_lse) -> Tensor",
+    reference=ref.grid_relative_loglik_ref,
+    fake=lambda logits, base_lse: logits.new_empty(logits.shape[:2]),
+    triton_plan=forward_plan if triton_available() else None,
+    triton_serves=lambda logits, base_lse: _serves(logits),
+    backward=_backward,
+    setup_context=_save,
+)
 
 
 # --------------------------------------------------------------------------- public function
@@ -246,4 +192,4 @@ def grid_relative_loglik(logits: Tensor, base_lse: Tensor) -> Tensor:
         ``[N, G]`` in the dtype of ``logits``.
     """
     _check_args(logits, base_lse)
-    return _grid_relative_loglik_op(logits, base_lse.to(logits.dtype))
+    return _op(logits, base_lse.to(logits.dtype))

@@ -1,71 +1,59 @@
-"""Fused op ``weighted_projection`` (DESIGN §2.1): the cotangents of the random-projection penalties.
+"""Fused op ``weighted_projection``: the cotangents of the random-projection penalties.
 
 ``weighted_projection(logits [B, C], noise [P, B, C], weight) -> (cot [P, B, C], lse [B])``:
 per row ``v = noise / ‖noise‖`` (``v = 1`` when ``C = 1``), ``cot = v ⊙ softmax(z)``
 (``weight="softmax"``, AMSReg) or ``cot = v`` (``"uniform"``, Jacobian
 regularisation), and ``lse = logsumexp(z)``, in one pass over the logits.
 
-Backward (to ``logits`` only; ``noise`` is a constant), with ``s = softmax(z)``:
+Backward (to ``logits`` only; ``noise`` is a constant): the op
+``fastland::weighted_projection_backward``
+(:func:`fastland.reference.weighted_projection_backward_ref` is its spec), whose own
+backward is written below in differentiable PyTorch ops, so every order works: the
+AMSReg penalty's gradient flows through ``softmax(z)``.
 
-* softmax weight: ``w = Σ_p ḡ_cot[p] ⊙ v_p``, ``ḡ_z = s ⊙ (ḡ_lse + w - ⟨w, s⟩)``;
-* uniform weight: ``ḡ_z = ḡ_lse · s``.
-
-The backward is itself the custom op ``fastland::weighted_projection_backward``
-whose own backward is written in differentiable PyTorch ops, so double (and
-higher) backward works: the AMSReg penalty's gradient flows through ``softmax(z)``.
-
-Layers, as in Liger-Kernel: Triton kernels ``_weighted_projection_{fwd,bwd}_kernel``
-with launchers ``weighted_projection_{forward,backward}_triton``; the C++ kernels
-``torch.ops.fastland.cpp_weighted_projection_{forward,backward}`` (csrc/cpu/);
-pure-PyTorch fallbacks; the custom ops choosing a backend per call
-(:func:`fastland.ops.backend_for`); autograd and fake registrations; the public function.
+Kernels: Triton here (``_weighted_projection_{fwd,bwd}_kernel``, CUDA), C++ in
+``csrc/weighted_projection.cpp`` (CPU); wiring by :mod:`fastland.ops._scaffold`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import reference as ref
 from .._checks import check_same_device, check_tensor
-from ..reference import weighted_projection_ref
-from .utils import (
-    backend_for,
-    contiguous,
-    cpp_compute_dtype,
-    pick_config,
-    triton_acc_dtype,
-    triton_available,
-)
+from ._scaffold import TRITON_DTYPES, Launch, LaunchConfig, define, pick_config
+from .utils import triton_acc_dtype, triton_available
 
-__all__ = ["weighted_projection", "LAUNCH_CONFIGS"]
+__all__ = ["weighted_projection", "LAUNCH_CONFIGS", "BLOCK_NAMES", "launch_configs"]
 
 WEIGHTS = ("softmax", "uniform")
 
-# Triton launch configurations, the one table the launchers (and ahead-of-time
-# compilation) read: (largest C covered = BLOCK_C, BLOCK_B rows per program, num_warps),
-# sorted by BLOCK_C. A program holds BLOCK_B x BLOCK_C elements (1024-2048 up to C = 1024:
-# enough programs to fill an H100's 132 SMs at B = 4096, C = 10) in registers.
-# Wider rows than the last entry are served by the reference ops. The widest entry is
-# (8192, 1, 16): a (16384, 1, 16) entry spilled to local memory on sm_80/sm_90 in every
-# dtype (backward) — see `python -m fastland.ops.aot` and benchmarks/notes/triton.md.
-LAUNCH_CONFIGS: Dict[str, Tuple[Tuple[int, int, int], ...]] = {
-    "forward": ((16, 64, 4), (64, 16, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (8192, 1, 16)),
-    "backward": ((16, 64, 4), (64, 16, 4), (256, 8, 4), (1024, 2, 4), (4096, 1, 8), (8192, 1, 16)),
-}
-# float64 rows hold twice the registers: the (8192, 1, 16) entry spills there, so float64
-# stops at C = 4096 (wider float64 rows use the reference ops).
+# Triton launch configurations, the one table the launchers (and the ahead-of-time tool)
+# read: ((BLOCK_B rows, BLOCK_C = widest C covered), num_warps, num_stages), sorted by
+# BLOCK_C. A program holds BLOCK_B x BLOCK_C elements (1024-2048 up to C = 1024: enough
+# programs to fill an H100's 132 SMs at B = 4096, C = 10) in registers. Wider rows than
+# the last entry use the reference. The widest entry is C = 8192: a C = 16384 entry
+# spilled to local memory on sm_80/sm_90 in every dtype (backward); see
+# benchmarks/notes/triton.md.
+BLOCK_NAMES = ("BLOCK_B", "BLOCK_C")
+_TABLE = (
+    LaunchConfig((64, 16), 4), LaunchConfig((16, 64), 4), LaunchConfig((8, 256), 4),
+    LaunchConfig((2, 1024), 4), LaunchConfig((1, 4096), 8), LaunchConfig((1, 8192), 16),
+)
+LAUNCH_CONFIGS: Dict[str, Tuple[LaunchConfig, ...]] = {"forward": _TABLE, "backward": _TABLE}
+# float64 rows hold twice the registers: the C = 8192 entry spills there, so float64
+# stops at C = 4096 (wider float64 rows use the reference).
 _FP64_MAX_C = 4096
 
 
-def launch_configs(kind: str, dtype: torch.dtype) -> Tuple[Tuple[int, int, int], ...]:
-    """The entries of ``LAUNCH_CONFIGS[kind]`` that the kernels use for ``dtype`` (spill-free)."""
+def launch_configs(kind: str, dtype: torch.dtype) -> Tuple[LaunchConfig, ...]:
+    """The entries of ``LAUNCH_CONFIGS[kind]`` the kernels use for ``dtype`` (spill-free)."""
     table = LAUNCH_CONFIGS[kind]
     if dtype == torch.float64:
-        return tuple(c for c in table if c[0] <= _FP64_MAX_C)
+        return tuple(c for c in table if c.block[-1] <= _FP64_MAX_C)
     return table
-# dtypes the Triton kernels take (accumulation: float64 for float64, else float32)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -74,18 +62,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _softmax_block(z_ptr, rows, cols, B, C, ACC_DTYPE: tl.constexpr):
-        """Row softmax and logsumexp of a [BLOCK_B, BLOCK_C] block of logits (padded rows: s=1, lse=0)."""
-        rmask = rows < B
-        mask = rmask[:, None] & (cols < C)[None, :]
-        z = tl.load(z_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
-        z = z.to(ACC_DTYPE)
-        z = tl.where(mask, z, float("-inf"))
-        m = tl.where(rmask, tl.max(z, axis=1), 0.0)
-        e = tl.exp(z - m[:, None])
-        s = tl.where(rmask, tl.sum(e, axis=1), 1.0)
-        return e / s[:, None], m + tl.log(s)
+    from ._triton import row_softmax
 
     @triton.jit
     def _normalised_noise(n, rmask, C):
@@ -104,8 +81,9 @@ if triton_available():
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < B
         mask = rmask[:, None] & (cols < C)[None, :]
-        prob, lse = _softmax_block(z_ptr, rows, cols, B, C, ACC_DTYPE)
-        tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=rmask)
+        e, s, m = row_softmax(z_ptr, rows, cols, B, C, ACC_DTYPE)
+        prob = e / s[:, None]
+        tl.store(lse_ptr + rows, (m + tl.log(s)).to(lse_ptr.dtype.element_ty), mask=rmask)
         offs = rows[:, None] * C + cols[None, :]
         n_ptrs = noise_ptr + offs
         c_ptrs = cot_ptr + offs
@@ -129,7 +107,8 @@ if triton_available():
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < B
         mask = rmask[:, None] & (cols < C)[None, :]
-        prob, _ = _softmax_block(z_ptr, rows, cols, B, C, ACC_DTYPE)
+        e, s, _ = row_softmax(z_ptr, rows, cols, B, C, ACC_DTYPE)
+        prob = e / s[:, None]
         glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
         glse = glse.to(ACC_DTYPE)
         offs = rows[:, None] * C + cols[None, :]
@@ -152,168 +131,47 @@ if triton_available():
         tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
-def _triton_config(kind: str, C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    table = launch_configs(kind, dtype)
-    cfg = pick_config(table, C)
-    if cfg is None:  # checked by the caller; kept as a clear error for direct launches
-        raise ValueError(f"logits: the Triton kernels take C <= {table[-1][0]} for {dtype}, got C = {C}")
-    return cfg
+def _launch(kernel, args: tuple, B: int, C: int, kind: str, dtype: torch.dtype, softmax: bool) -> Launch:
+    cfg = pick_config(launch_configs(kind, dtype), C)
+    block_b, block_c = cfg.block
+    return Launch(kernel, (triton.cdiv(B, block_b),), args, dict(
+        SOFTMAX=softmax, ACC_DTYPE=triton_acc_dtype(dtype), BLOCK_B=block_b, BLOCK_C=block_c,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ))
 
 
-def _triton_serves(logits: Tensor) -> bool:
+def forward_plan(logits: Tensor, noise: Tensor, softmax: bool) -> Tuple[Tuple[Tensor, Tensor], List[Launch]]:
+    """Outputs and launches of the forward: logits ``[B, C]``, noise ``[P, B, C]`` (contiguous, one dtype)."""
+    P, B, C = noise.shape
+    cot, lse = torch.empty_like(noise), logits.new_empty(B)
+    if B == 0:
+        return (cot, lse), []
+    args = (logits, noise, cot, lse, P, B, C)
+    return (cot, lse), [_launch(_weighted_projection_fwd_kernel, args, B, C, "forward", logits.dtype, softmax)]
+
+
+def backward_plan(
+    grad_cot: Tensor, grad_lse: Tensor, logits: Tensor, noise: Tensor, softmax: bool
+) -> Tuple[Tensor, List[Launch]]:
+    """Output ``[B, C]`` and launches of the backward; every tensor contiguous, in the dtype of ``logits``."""
+    P, B, C = noise.shape
+    grad_logits = torch.empty_like(logits)
+    if B == 0:
+        return grad_logits, []
+    args = (grad_cot, grad_lse, logits, noise, grad_logits, P, B, C)
+    return grad_logits, [_launch(_weighted_projection_bwd_kernel, args, B, C, "backward", logits.dtype, softmax)]
+
+
+def _serves(logits: Tensor) -> bool:
     return logits.dtype in TRITON_DTYPES and pick_config(
         launch_configs("forward", logits.dtype), logits.shape[1]) is not None
 
 
-def weighted_projection_forward_triton(logits: Tensor, noise: Tensor, softmax: bool) -> Tuple[Tensor, Tensor]:
-    """Launch the forward kernel. logits ``[B, C]``, noise ``[P, B, C]`` (same dtype, contiguous)."""
-    P, B, C = noise.shape
-    cot = torch.empty_like(noise)
-    lse = logits.new_empty(B)
-    if B == 0:
-        return cot, lse
-    block_c, block_b, num_warps = _triton_config("forward", C, logits.dtype)
-    _weighted_projection_fwd_kernel[(triton.cdiv(B, block_b),)](
-        logits, noise, cot, lse, P, B, C,
-        SOFTMAX=softmax, ACC_DTYPE=triton_acc_dtype(logits.dtype),
-        BLOCK_B=block_b, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return cot, lse
+# --------------------------------------------------------------------------- ops and autograd
 
 
-def weighted_projection_backward_triton(
-    grad_cot: Tensor, grad_lse: Tensor, logits: Tensor, noise: Tensor, softmax: bool
-) -> Tensor:
-    """Launch the backward kernel; every tensor contiguous, in the dtype of ``logits``. Returns ``[B, C]``."""
-    P, B, C = noise.shape
-    grad_logits = torch.empty_like(logits)
-    if B == 0:
-        return grad_logits
-    block_c, block_b, num_warps = _triton_config("backward", C, logits.dtype)
-    _weighted_projection_bwd_kernel[(triton.cdiv(B, block_b),)](
-        grad_cot, grad_lse, logits, noise, grad_logits, P, B, C,
-        SOFTMAX=softmax, ACC_DTYPE=triton_acc_dtype(logits.dtype),
-        BLOCK_B=block_b, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return grad_logits
-
-
-# --------------------------------------------------------------------------- C++ and PyTorch paths
-
-
-def weighted_projection_forward_cpp(logits: Tensor, noise: Tensor, softmax: bool) -> Tuple[Tensor, Tensor]:
-    """The C++ kernel (csrc/cpu/weighted_projection.cpp); half precision computed in float32."""
-    dt = cpp_compute_dtype(logits.dtype)
-    cot, lse = torch.ops.fastland.cpp_weighted_projection_forward(logits.to(dt), noise.to(dt), softmax)
-    return cot.to(logits.dtype), lse.to(logits.dtype)
-
-
-def weighted_projection_backward_cpp(
-    grad_cot: Tensor, grad_lse: Tensor, logits: Tensor, noise: Tensor, softmax: bool
-) -> Tensor:
-    """The C++ backward kernel; half precision computed in float32."""
-    dt = cpp_compute_dtype(logits.dtype)
-    out = torch.ops.fastland.cpp_weighted_projection_backward(
-        grad_cot.to(dt), grad_lse.to(dt), logits.to(dt), noise.to(dt), softmax
-    )
-    return out.to(logits.dtype)
-
-
-def weighted_projection_forward_reference(logits: Tensor, noise: Tensor, softmax: bool) -> Tuple[Tensor, Tensor]:
-    """:func:`fastland.reference.weighted_projection_ref` (the spec)."""
-    return weighted_projection_ref(logits, noise, "softmax" if softmax else "uniform")
-
-
-def _normalised_noise_torch(noise: Tensor) -> Tensor:
-    """``v = noise / ‖noise‖`` per row, ``1`` when C = 1: ``[P, B, C]``."""
-    if noise.shape[-1] == 1:
-        return torch.ones_like(noise)
-    return noise / noise.norm(dim=-1, keepdim=True)
-
-
-def weighted_projection_backward_reference(
-    grad_cot: Tensor, grad_lse: Tensor, logits: Tensor, noise: Tensor, softmax: bool
-) -> Tensor:
-    """The backward formula in (differentiable) PyTorch ops: ``[B, C]``."""
-    s = torch.softmax(logits, dim=-1)
-    if not softmax:
-        return grad_lse.unsqueeze(-1) * s
-    w = (grad_cot * _normalised_noise_torch(noise)).sum(0)
-    shift = grad_lse - (w * s).sum(-1)
-    return s * (w + shift.unsqueeze(-1))
-
-
-_FORWARD: Dict[str, Callable[..., Tuple[Tensor, Tensor]]] = {
-    "triton": weighted_projection_forward_triton,
-    "cpp": weighted_projection_forward_cpp,
-    "reference": weighted_projection_forward_reference,
-}
-_BACKWARD: Dict[str, Callable[..., Tensor]] = {
-    "triton": weighted_projection_backward_triton,
-    "cpp": weighted_projection_backward_cpp,
-    "reference": weighted_projection_backward_reference,
-}
-
-
-def _backend(logits: Tensor) -> str:
-    backend = backend_for(logits)
-    if backend == "triton" and not _triton_serves(logits):
-        return "reference"
-    return backend
-
-
-# --------------------------------------------------------------------------- custom ops
-
-
-@torch.library.custom_op("fastland::weighted_projection", mutates_args=())
-def _weighted_projection_op(logits: Tensor, noise: Tensor, softmax: bool) -> Tuple[Tensor, Tensor]:
-    """logits ``[B, C]``, noise ``[P, B, C]`` (same dtype and device) -> (cot ``[P, B, C]``, lse ``[B]``)."""
-    backend = _backend(logits)
-    if backend != "reference":
-        logits, noise = contiguous(logits, noise)
-    return _FORWARD[backend](logits, noise, softmax)
-
-
-@_weighted_projection_op.register_fake
-def _(logits: Tensor, noise: Tensor, softmax: bool) -> Tuple[Tensor, Tensor]:
-    return noise.new_empty(noise.shape), logits.new_empty(logits.shape[:1])
-
-
-@torch.library.custom_op("fastland::weighted_projection_backward", mutates_args=())
-def _weighted_projection_backward_op(
-    grad_cot: Tensor, grad_lse: Tensor, logits: Tensor, noise: Tensor, softmax: bool
-) -> Tensor:
-    """grad_cot ``[P, B, C]``, grad_lse ``[B]``, logits ``[B, C]``, noise ``[P, B, C]`` -> grad_logits ``[B, C]``."""
-    backend = _backend(logits)
-    if backend != "reference":
-        grad_cot, grad_lse, logits, noise = contiguous(grad_cot, grad_lse, logits, noise)
-    return _BACKWARD[backend](grad_cot, grad_lse, logits, noise, softmax)
-
-
-@_weighted_projection_backward_op.register_fake
-def _(grad_cot: Tensor, grad_lse: Tensor, logits: Tensor, noise: Tensor, softmax: bool) -> Tensor:
-    return torch.empty_like(logits)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    logits, noise, softmax = inputs
-    ctx.save_for_backward(logits, noise)
-    ctx.softmax = softmax
-
-
-def _backward(ctx, grad_cot: Tensor, grad_lse: Tensor):
-    logits, noise = ctx.saved_tensors
-    grad_logits = _weighted_projection_backward_op(grad_cot, grad_lse, logits, noise, ctx.softmax)
-    return grad_logits, None, None
-
-
-_weighted_projection_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _setup_context_bwd(ctx, inputs, output) -> None:
-    grad_cot, grad_lse, logits, noise, softmax = inputs
-    ctx.save_for_backward(grad_cot, grad_lse, logits, noise)
-    ctx.softmax = softmax
+def _weight(softmax: bool) -> str:
+    return "softmax" if softmax else "uniform"
 
 
 def _backward_bwd(ctx, grad: Tensor):
@@ -327,22 +185,59 @@ def _backward_bwd(ctx, grad: Tensor):
     grad_cot, grad_lse, logits, noise = ctx.saved_tensors
     s = torch.softmax(logits, dim=-1)
     qs = (grad * s).sum(-1)
-    d_grad_lse = qs
     if ctx.softmax:
-        v = _normalised_noise_torch(noise)
+        v = ref._normalised_noise(noise)
         w = (grad_cot * v).sum(0)
         ws = (w * s).sum(-1)
-        d_w = s * (grad - qs.unsqueeze(-1))
-        d_grad_cot = v * d_w.unsqueeze(0)
+        d_grad_cot = v * (s * (grad - qs.unsqueeze(-1))).unsqueeze(0)
         a = grad * (grad_lse - ws).unsqueeze(-1) + grad * w - qs.unsqueeze(-1) * w
     else:
         d_grad_cot = torch.zeros_like(grad_cot)
         a = grad_lse.unsqueeze(-1) * grad
     d_logits = s * (a - (a * s).sum(-1, keepdim=True))
-    return d_grad_cot, d_grad_lse, d_logits, None, None
+    return d_grad_cot, qs, d_logits, None, None
 
 
-_weighted_projection_backward_op.register_autograd(_backward_bwd, setup_context=_setup_context_bwd)
+def _save_bwd(ctx, inputs, output) -> None:
+    grad_cot, grad_lse, logits, noise, softmax = inputs
+    ctx.save_for_backward(grad_cot, grad_lse, logits, noise)
+    ctx.softmax = softmax
+
+
+_backward_op = define(
+    "weighted_projection_backward",
+    "(Tensor grad_cot, Tensor grad_lse, Tensor logits, Tensor noise, bool softmax) -> Tensor",
+    reference=lambda g_cot, g_lse, z, noise, softmax: ref.weighted_projection_backward_ref(
+        g_cot, g_lse, z, noise, _weight(softmax)),
+    fake=lambda grad_cot, grad_lse, logits, noise, softmax: torch.empty_like(logits),
+    triton_plan=backward_plan if triton_available() else None,
+    triton_serves=lambda grad_cot, grad_lse, logits, noise, softmax: _serves(logits),
+    backward=_backward_bwd,
+    setup_context=_save_bwd,
+)
+
+
+def _backward(ctx, grad_cot: Tensor, grad_lse: Tensor):
+    logits, noise = ctx.saved_tensors
+    return _backward_op(grad_cot, grad_lse, logits, noise, ctx.softmax), None, None
+
+
+def _save(ctx, inputs, output) -> None:
+    logits, noise, softmax = inputs
+    ctx.save_for_backward(logits, noise)
+    ctx.softmax = softmax
+
+
+_op = define(
+    "weighted_projection",
+    "(Tensor logits, Tensor noise, bool softmax) -> (Tensor, Tensor)",
+    reference=lambda logits, noise, softmax: ref.weighted_projection_ref(logits, noise, _weight(softmax)),
+    fake=lambda logits, noise, softmax: (torch.empty_like(noise), logits.new_empty(logits.shape[:1])),
+    triton_plan=forward_plan if triton_available() else None,
+    triton_serves=lambda logits, noise, softmax: _serves(logits),
+    backward=_backward,
+    setup_context=_save,
+)
 
 
 # --------------------------------------------------------------------------- public function
@@ -384,4 +279,4 @@ def weighted_projection(logits: Tensor, noise: Tensor, weight: str = "softmax") 
         ``(cotangents [P, B, C], lse [B])`` in the dtype of ``logits``.
     """
     _check_args(logits, noise, weight)
-    return _weighted_projection_op(logits, noise.to(logits.dtype), weight == "softmax")
+    return _op(logits, noise.to(logits.dtype), weight == "softmax")

@@ -1,21 +1,24 @@
-// Definitions of the row primitives declared in vec_math.h (see there).
-#include "vec_math.h"
+// Out-of-line definitions of row_kernels.h: the block primitives and the long-row
+// kernels compiled per instruction set, and the AVX-512 logsumexp of short rows.
+#if defined(__GNUC__) && !defined(__clang__)
+// Without these GCC keeps the clamps of exp_poly as branches (a float->int
+// conversion "may trap"), and the loop does not vectorise. No code here relies
+// on floating-point exceptions or errno. (Before the header: its inline
+// polynomials are compiled into the clones below.)
+#pragma GCC optimize("no-trapping-math", "no-math-errno")
+#endif
+
+#include "row_kernels.h"
 
 #include <cmath>
-#include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define FASTLAND_HAVE_AVX512_PATH 1
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__)
-// Without these GCC keeps the clamps of exp_poly as branches (a float->int
-// conversion "may trap"), and the loop does not vectorise. No code here relies
-// on floating-point exceptions or errno.
-#pragma GCC optimize("no-trapping-math", "no-math-errno")
-#endif
-
+// target_clones: one copy per instruction set, the best chosen when the library loads
+// (GCC's ifunc resolver checks the CPU at run time).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FASTLAND_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -24,150 +27,21 @@
 
 namespace fastland {
 namespace cpu {
-namespace {
 
-// exp(x) for float without branches the vectoriser cannot handle: Cody-Waite
-// range reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6 polynomial
-// for exp(r), and 2^n built in the exponent bits.
-inline float exp_poly(float x) {
-  const float lo = -87.0f, hi = 88.0f;
-  const float xc = x < lo ? lo : (x > hi ? hi : x);
-  // floor(xc log2(e) + 1/2) by truncation of a positive number (no libcall: vectorises)
-  const int32_t ni = static_cast<int32_t>(xc * 1.44269504088896341f + 128.5f) - 128;
-  const float n = static_cast<float>(ni);
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (ni + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? 0.0f : p * scale;
-}
-
-// log(x) for float, x > 0 finite (Cephes' logf): x = m 2^e with m in [sqrt(1/2), sqrt(2)),
-// a degree-9 polynomial for log(1 + f), f = m - 1; exponent and mantissa from the bits.
-inline float log_poly(float x) {
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 127;
-  const int32_t mbits = (bits & 0x007fffff) | 0x3f800000;
-  float m;
-  std::memcpy(&m, &mbits, sizeof(m));
-  const bool big = m > 1.41421356237f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  const float f = m - 1.0f;
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  const float ef = static_cast<float>(e);
-  y += -2.12194440e-4f * ef;
-  y += -0.5f * z;
-  return f + y + 0.693359375f * ef;
-}
-
-inline float exp_of(float x) { return exp_poly(x); }
-inline double exp_of(double x) { return std::exp(x); }
-inline float log_of(float x) { return log_poly(x); }
-inline double log_of(double x) { return std::log(x); }
-
-template <typename T>
-inline void softmax_rows_impl(const T* z, int64_t rows, int64_t C, T* work, T* lse, T* sums, bool normalise) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* zr = z + r * C;
-    const T m = row_max(zr, C);
-    lse[r] = m;
-    T* wr = work + r * C;
-    for (int64_t c = 0; c < C; ++c) wr[c] = zr[c] - m;
-  }
-  const int64_t n = rows * C;
-  for (int64_t i = 0; i < n; ++i) work[i] = exp_of(work[i]);
-  for (int64_t r = 0; r < rows; ++r) sums[r] = row_sum(work + r * C, C);
-  if (normalise) {
-    for (int64_t r = 0; r < rows; ++r) {
-      T* wr = work + r * C;
-      const T inv = T(1) / sums[r];
-      for (int64_t c = 0; c < C; ++c) wr[c] *= inv;
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) lse[r] += log_of(sums[r]);
-}
-
-template <typename T>
-inline void inv_norms(const T* noise, int64_t rows, int64_t C, T* inv) {
-  for (int64_t r = 0; r < rows; ++r) inv[r] = row_dot(noise + r * C, noise + r * C, C);
-  for (int64_t r = 0; r < rows; ++r) inv[r] = T(1) / std::sqrt(inv[r]);
-}
-
-template <typename T>
-inline void project_rows_impl(const T* noise, const T* prob, int64_t rows, int64_t C, T* inv, T* out) {
-  inv_norms(noise, rows, C, inv);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* nr = noise + r * C;
-    T* o = out + r * C;
-    const T s = inv[r];
-    if (prob != nullptr) {
-      const T* pr = prob + r * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = nr[c] * s * pr[c];
-    } else {
-      for (int64_t c = 0; c < C; ++c) o[c] = nr[c] * s;
-    }
-  }
-}
-
-template <typename T>
-inline void accumulate_projection_impl(const T* g, const T* noise, int64_t rows, int64_t C, T* inv, T* w) {
-  inv_norms(noise, rows, C, inv);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* nr = noise + r * C;
-    const T* gr = g + r * C;
-    T* wr = w + r * C;
-    const T s = inv[r];
-    for (int64_t c = 0; c < C; ++c) wr[c] += gr[c] * nr[c] * s;
-  }
-}
-
-template <typename T>
-inline void softmax_backward_rows_impl(const T* prob, const T* w, const T* glse, int64_t rows, int64_t C, T* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* pr = prob + r * C;
-    const T* wr = w + r * C;
-    const T shift = glse[r] - row_dot(wr, pr, C);
-    T* o = out + r * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = pr[c] * (wr[c] + shift);
-  }
-}
-
-}  // namespace
-
-// The row kernels for long rows, compiled per instruction set; short rows take the
-// inline versions in softmax_rows.h (see kWideRows there).
+// The long-row kernels: the templates of row_kernels.h with InlineMath, compiled per
+// instruction set so that the inlined polynomials vectorise for each.
 #define FASTLAND_ROW_KERNELS(T)                                                                                   \
   FASTLAND_CLONES void softmax_rows_wide(const T* z, int64_t rows, int64_t C, T* work, T* lse, T* sums,          \
                                          bool normalise) {                                                      \
-    softmax_rows_impl(z, rows, C, work, lse, sums, normalise);                                                  \
+    softmax_rows_impl<T, InlineMath>(z, rows, C, work, lse, sums, normalise);                                   \
   }                                                                                                             \
   FASTLAND_CLONES void project_rows_wide(const T* noise, const T* prob, int64_t rows, int64_t C, T* inv,        \
                                          T* out) {                                                              \
-    project_rows_impl(noise, prob, rows, C, inv, out);                                                          \
+    project_rows_impl<T, InlineMath>(noise, prob, rows, C, inv, out);                                           \
   }                                                                                                             \
   FASTLAND_CLONES void accumulate_projection_wide(const T* g, const T* noise, int64_t rows, int64_t C, T* inv,  \
                                                   T* w) {                                                       \
-    accumulate_projection_impl(g, noise, rows, C, inv, w);                                                      \
+    accumulate_projection_impl<T, InlineMath>(g, noise, rows, C, inv, w);                                       \
   }                                                                                                             \
   FASTLAND_CLONES void softmax_backward_rows_wide(const T* prob, const T* w, const T* glse, int64_t rows,       \
                                                   int64_t C, T* out) {                                          \
@@ -176,6 +50,7 @@ inline void softmax_backward_rows_impl(const T* prob, const T* w, const T* glse,
 
 FASTLAND_ROW_KERNELS(float)
 FASTLAND_ROW_KERNELS(double)
+#undef FASTLAND_ROW_KERNELS
 
 #ifdef FASTLAND_HAVE_AVX512_PATH
 namespace {

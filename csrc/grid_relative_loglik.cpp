@@ -1,5 +1,7 @@
-// fastland::cpp_grid_relative_loglik_{forward,backward}: CPU kernels of the fused
-// op grid_relative_loglik (DESIGN §2.3). OpenMP (at::parallel_for) over blocks of grid points.
+// CPU kernels of the fused ops fastland::grid_relative_loglik and
+// fastland::grid_relative_loglik_backward, registered under the ops' own schemas
+// (defined in fastland/ops/grid_relative_loglik.py). OpenMP (at::parallel_for) over blocks of
+// grid points; float32/float64 natively, half precision computed in float32; any strides.
 //
 // forward:  logits [N, G, C], base_lse [N] -> out [N, G] = logsumexp(logits[n, g]) - base_lse[n]
 // backward: grad_out [N, G], logits [N, G, C] -> grad_logits = grad_out[n, g] * softmax(logits[n, g])
@@ -9,7 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "softmax_rows.h"
+#include "cpu/row_kernels.h"
+#include "cpu/tensor_args.h"
 
 namespace fastland {
 namespace cpu {
@@ -67,45 +70,45 @@ void backward_impl(const T* gout, const T* z, T* gz, int64_t R, int64_t C) {
   });
 }
 
-at::Tensor grid_relative_loglik_forward(const at::Tensor& logits, const at::Tensor& base_lse) {
-  check_logits(logits);
-  check_input(base_lse, "base_lse");
-  check_same_dtype(base_lse, logits, "base_lse", "logits");
-  TORCH_CHECK(base_lse.dim() == 1 && base_lse.size(0) == logits.size(0), "base_lse: expected shape [",
-              logits.size(0), "], got ", base_lse.sizes());
+at::Tensor grid_relative_loglik_forward(const at::Tensor& logits_in, const at::Tensor& base_lse_in) {
+  check_logits(logits_in);
+  check_input(base_lse_in, "base_lse");
+  check_same_dtype(base_lse_in, logits_in, "base_lse", "logits");
+  TORCH_CHECK(base_lse_in.dim() == 1 && base_lse_in.size(0) == logits_in.size(0), "base_lse: expected shape [",
+              logits_in.size(0), "], got ", base_lse_in.sizes());
+  const at::ScalarType dtype = logits_in.scalar_type();
+  const at::Tensor logits = prepared(logits_in, dtype), base_lse = prepared(base_lse_in, dtype);
   const int64_t N = logits.size(0), G = logits.size(1), C = logits.size(2);
   at::Tensor out = at::empty({N, G}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_grid_relative_loglik_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "grid_relative_loglik", [&] {
     forward_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), base_lse.const_data_ptr<scalar_t>(),
                            out.mutable_data_ptr<scalar_t>(), N, G, C);
   });
-  return out;
+  return out.to(dtype);
 }
 
-at::Tensor grid_relative_loglik_backward(const at::Tensor& grad_out, const at::Tensor& logits) {
-  check_logits(logits);
-  check_input(grad_out, "grad_out");
-  check_same_dtype(grad_out, logits, "grad_out", "logits");
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == logits.size(0) && grad_out.size(1) == logits.size(1),
-              "grad_out: expected shape [", logits.size(0), ", ", logits.size(1), "], got ", grad_out.sizes());
+at::Tensor grid_relative_loglik_backward(const at::Tensor& grad_out_in, const at::Tensor& logits_in) {
+  check_logits(logits_in);
+  check_input(grad_out_in, "grad_out");
+  check_same_dtype(grad_out_in, logits_in, "grad_out", "logits");
+  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == logits_in.size(0) &&
+                  grad_out_in.size(1) == logits_in.size(1),
+              "grad_out: expected shape [", logits_in.size(0), ", ", logits_in.size(1), "], got ", grad_out_in.sizes());
+  const at::ScalarType dtype = logits_in.scalar_type();
+  const at::Tensor grad_out = prepared(grad_out_in, dtype), logits = prepared(logits_in, dtype);
   at::Tensor gz = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_grid_relative_loglik_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "grid_relative_loglik_backward", [&] {
     backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
                             gz.mutable_data_ptr<scalar_t>(), logits.size(0) * logits.size(1), logits.size(2));
   });
-  return gz;
+  return gz.to(dtype);
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace fastland
 
-TORCH_LIBRARY_FRAGMENT(fastland, m) {
-  m.def("cpp_grid_relative_loglik_forward(Tensor logits, Tensor base_lse) -> Tensor");
-  m.def("cpp_grid_relative_loglik_backward(Tensor grad_out, Tensor logits) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fastland, CPU, m) {
-  m.impl("cpp_grid_relative_loglik_forward", &fastland::cpu::grid_relative_loglik_forward);
-  m.impl("cpp_grid_relative_loglik_backward", &fastland::cpu::grid_relative_loglik_backward);
+  m.impl("grid_relative_loglik", &fastland::cpu::grid_relative_loglik_forward);
+  m.impl("grid_relative_loglik_backward", &fastland::cpu::grid_relative_loglik_backward);
 }

@@ -1,32 +1,32 @@
 """Ahead-of-time compilation of fastland's Triton kernels for real GPUs, with no GPU present.
 
-The Triton interpreter (``TRITON_INTERPRET=1``, what the tests run on CPU) checks
-semantics only: it accepts code a real compile rejects and says nothing of
-registers, spills or memory instructions. This module compiles every Triton
+A tool, not part of the library. The Triton interpreter (``TRITON_INTERPRET=1``, what the
+tests run on CPU) checks semantics only: it accepts code a real compile rejects and says
+nothing of registers, spills or memory instructions. This tool compiles every Triton
 kernel of :mod:`fastland.ops` for named targets (``sm_80``, ``sm_90``) with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reads
-the cubin with the ``cuobjdump`` shipped inside the triton package:
-registers, shared memory, stack/local (spill) bytes (``-res-usage``) and the
-global loads and stores of the SASS (``-sass``), how many of them 128-bit.
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reads the
+cubin with the ``cuobjdump`` shipped inside the triton package: registers, shared
+memory, stack/local (spill) bytes (``-res-usage``) and the global loads and stores of
+the SASS (``-sass``), how many of them 128-bit.
 
-No second copy of the launch configurations: each compile is what an op's own
-launcher (``<op>_{forward,backward}_triton``) would launch. The launcher runs on
-``meta`` tensors of given sizes with its kernels swapped for recorders, so the
-block sizes, ``num_warps`` and constexprs come from the op's ``LAUNCH_CONFIGS``
-through the launcher's own code; the argument specialisation (16-byte pointer
-alignment, integers divisible by 16, integers equal to 1) comes from Triton's own
-binder, as at a real launch.
+No second copy of the launch configurations: each compile is what an op launches.
+Every op module exposes ``forward_plan``/``backward_plan`` (the launches for given
+inputs, planned and not run) and its ``LAUNCH_CONFIGS``/``launch_configs``; the plans
+run here on ``meta`` tensors of given sizes, so the kernels, block sizes, ``num_warps``,
+``num_stages`` and constexprs are the op's own. The argument specialisation (16-byte
+pointer alignment, integers divisible by 16, integers equal to 1) comes from Triton's
+own binder, as at a real launch.
 
-Command line::
+Command line (from the repository root)::
 
-    python -m fastland.ops.aot                 # the table, one row per compile
-    python -m fastland.ops.aot --json rows.json --markdown table.md
-    python -m fastland.ops.aot --cases bench --dtypes float32 --targets sm_90
+    python tools/triton_aot.py                 # the table, one row per compile
+    python tools/triton_aot.py --json rows.json --markdown table.md
+    python tools/triton_aot.py --cases bench --dtypes float32 --targets sm_90
 
-It exits non-zero, naming the kernel, configuration, dtype and target, where a
-compile fails. Under ``TRITON_INTERPRET=1`` the kernels are interpreter objects
-that cannot be compiled, so the command (and :func:`compile_report`) re-runs
-itself in a subprocess with that variable removed.
+It exits non-zero, naming the kernel, configuration, dtype and target, where a compile
+fails. Under ``TRITON_INTERPRET=1`` the kernels are interpreter objects that cannot be
+compiled, so the command (and :func:`compile_report`) re-runs itself in a subprocess with
+that variable removed. Tests: ``make aot`` (``tests/test_aot.py``, marker ``aot``).
 """
 from __future__ import annotations
 
@@ -46,13 +46,22 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from .._io import atomic_write_text
+from fastland.ops._scaffold import Launch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aot_cubin import (  # noqa: E402  (the sibling module, whether run as a script or imported)
+    Row,
+    count_global_accesses,
+    cuobjdump,
+    failure_message,
+    markdown_table,
+    parse_res_usage,
+)
 
 __all__ = [
     "TARGETS",
     "DEFAULT_DTYPES",
     "OPS",
-    "Launch",
     "CompileJob",
     "Row",
     "capture_launches",
@@ -72,7 +81,7 @@ __all__ = [
 TARGETS: Dict[str, int] = {"sm_80": 80, "sm_90": 90}
 # the dtypes compiled by default (each only where the op's TRITON_DTYPES has it)
 DEFAULT_DTYPES: Tuple[str, ...] = ("float32", "bfloat16", "float64")
-# the ops with Triton kernels: module fastland.ops.<op>, launchers <op>_{forward,backward}_triton
+# the ops with Triton kernels: module fastland.ops.<op>, plans {forward,backward}_plan
 OPS: Tuple[str, ...] = ("weighted_projection", "grid_combine", "grid_relative_loglik")
 KINDS: Tuple[str, ...] = ("forward", "backward")
 CASE_SETS: Tuple[str, ...] = ("sweep", "bench", "aligned")
@@ -86,7 +95,7 @@ _INTERPRET_VAR = "TRITON_INTERPRET"
 class SizeCase:
     """One launch of one op at given sizes.
 
-    ``op`` and ``kind`` name the launcher; ``sizes`` are the op's dimensions
+    ``op`` and ``kind`` name the plan; ``sizes`` are the op's dimensions
     (weighted_projection: B, C, P; grid_combine: N, G, D; grid_relative_loglik:
     N, G, C); ``softmax`` is weighted_projection's weight flag; ``case`` says
     whether the sizes come from the configuration ``sweep`` (then ``config_index``
@@ -115,8 +124,8 @@ def _meta(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device="meta")
 
 
-def _launcher_args(case: SizeCase, dtype: torch.dtype) -> Tuple[Any, ...]:
-    """The positional arguments of ``case``'s launcher, as ``meta`` tensors of ``dtype``.
+def _plan_args(case: SizeCase, dtype: torch.dtype) -> Tuple[Any, ...]:
+    """The positional arguments of ``case``'s plan, as ``meta`` tensors of ``dtype``.
 
     Shapes: weighted_projection forward ``(logits [B, C], noise [P, B, C], softmax)``,
     backward ``(grad_cot [P, B, C], grad_lse [B], logits [B, C], noise [P, B, C], softmax)``;
@@ -150,35 +159,33 @@ def _op_module(op: str):
     return importlib.import_module(f"fastland.ops.{op}")
 
 
-def _config_table(op: str, kind: str, dtype: torch.dtype = torch.float32) -> Tuple[Tuple[int, ...], ...]:
-    """The launch configurations the op's launcher picks from for ``kind`` and ``dtype``.
+def _config_table(op: str, kind: str, dtype: torch.dtype = torch.float32):
+    """The launch configurations (``LaunchConfig``) the op's plans pick from for ``kind`` and ``dtype``."""
+    return tuple(_op_module(op).launch_configs(kind, dtype))
 
-    The module's ``launch_configs(kind, dtype)`` where it has one (dtype-dependent
-    tables), else its ``LAUNCH_CONFIGS[kind]``; a single configuration is wrapped.
-    """
-    module = _op_module(op)
-    if callable(getattr(module, "launch_configs", None)):
-        table = module.launch_configs(kind, dtype)
-    else:
-        table = module.LAUNCH_CONFIGS[kind]
-    return (tuple(table),) if isinstance(table[0], int) else tuple(tuple(c) for c in table)
+
+def _config_params(op: str, config) -> Dict[str, int]:
+    """``{"BLOCK_*": ..., "num_warps": ...}`` of one of the op's configurations."""
+    params = dict(zip(_op_module(op).BLOCK_NAMES, config.block))
+    params["num_warps"] = config.num_warps
+    return params
 
 
 def _sweep_sizes(op: str, config: Tuple[int, ...]) -> Dict[str, int]:
-    """Sizes that make the launcher pick ``config``, all multiples of 16 (aligned rows).
+    """Sizes that make the plan pick ``config``, all multiples of 16 (aligned rows).
 
-    For the width-keyed tables (weighted_projection, grid_relative_loglik) the
-    first field of a configuration is the widest row C it serves
-    (:func:`fastland.ops.utils.pick_config`), so ``C = config[0]`` selects it.
+    For the width-keyed tables (weighted_projection, grid_relative_loglik) the last
+    block size of a configuration is the widest row C it serves
+    (:func:`fastland.ops._scaffold.pick_config`), so ``C = config.block[-1]`` selects it.
     """
     if op == "weighted_projection":
-        return {"B": 4096, "C": config[0], "P": 16}
+        return {"B": 4096, "C": config.block[-1], "P": 16}
     if op == "grid_relative_loglik":
-        return {"N": 64, "G": 448, "C": config[0]}
+        return {"N": 64, "G": 448, "C": config.block[-1]}
     return {"N": 16, "G": 448, "D": 4096}
 
 
-# the benchmark sizes of issue 3 (benchmarks/bench_ops.py)
+# the benchmark sizes (benchmarks/bench_ops.py)
 BENCH_SIZES: Dict[str, Tuple[Dict[str, int], ...]] = {
     "weighted_projection": ({"B": 4096, "C": 10, "P": 8}, {"B": 256, "C": 1000, "P": 1}),
     "grid_combine": ({"N": 8, "G": 441, "D": 784}, {"N": 8, "G": 441, "D": 3072}),
@@ -225,30 +232,7 @@ def size_cases(
     return cases
 
 
-# --------------------------------------------------------------------------- capturing launches
-
-
-@dataclass
-class Launch:
-    """One kernel launch recorded from a launcher: the kernel's name, positional and keyword arguments."""
-
-    kernel: str
-    args: Tuple[Any, ...]
-    kwargs: Dict[str, Any]
-
-
-class _Recorder:
-    """Stands in for a ``JITFunction``: ``kernel[grid](*args, **kwargs)`` records a :class:`Launch`."""
-
-    def __init__(self, name: str, sink: List[Launch]) -> None:
-        self._name = name
-        self._sink = sink
-
-    def __getitem__(self, grid: Any) -> Callable[..., None]:
-        def launch(*args: Any, **kwargs: Any) -> None:
-            self._sink.append(Launch(self._name, args, dict(kwargs)))
-
-        return launch
+# --------------------------------------------------------------------------- planning launches
 
 
 def _jit_kernels(module) -> Dict[str, Any]:
@@ -277,29 +261,17 @@ def _require_compilable(module) -> None:
         raise RuntimeError(
             f"{module.__name__}: the Triton kernels are interpreter objects ({_INTERPRET_VAR}=1 was set when "
             f"fastland was imported); ahead-of-time compilation needs a process without {_INTERPRET_VAR} "
-            "(compile_report() and `python -m fastland.ops.aot` start one)"
+            "(compile_report() and `python tools/triton_aot.py` start one)"
         )
 
 
 def capture_launches(case: SizeCase, dtype: torch.dtype) -> List[Launch]:
-    """Run ``case``'s launcher on ``meta`` tensors with its module's kernels replaced by recorders.
-
-    Returns the launches it makes (one per kernel call), nothing being run.
-    """
-    module = _op_module(case.op)
-    launcher = getattr(module, f"{case.op}_{case.kind}_triton")
-    sink: List[Launch] = []
-    kernels = _kernel_attributes(module)
-    try:
-        for name in kernels:
-            setattr(module, name, _Recorder(name, sink))
-        launcher(*_launcher_args(case, dtype))
-    finally:
-        for name, kernel in kernels.items():
-            setattr(module, name, kernel)
-    if not sink:
-        raise RuntimeError(f"{case.op}_{case.kind}_triton launched no kernel at sizes {case.label}")
-    return sink
+    """The launches ``case``'s plan makes on ``meta`` tensors (``fastland.ops._scaffold.Launch``); nothing runs."""
+    plan = getattr(_op_module(case.op), f"{case.kind}_plan")
+    _, launches = plan(*_plan_args(case, dtype))
+    if not launches:
+        raise RuntimeError(f"{case.op} {case.kind}_plan launched no kernel at sizes {case.label}")
+    return launches
 
 
 # --------------------------------------------------------------------------- compile jobs
@@ -339,7 +311,7 @@ def _config_label(kwargs: Dict[str, Any]) -> str:
 
 
 def _launch_params(kwargs: Dict[str, Any]) -> Dict[str, int]:
-    """The integer launch parameters: ``BLOCK_*`` sizes and ``num_warps``."""
+    """The integer launch parameters: ``BLOCK_*`` sizes and ``num_warps`` (as :func:`_config_params`)."""
     return {k: int(v) for k, v in kwargs.items() if k.startswith("BLOCK_") or k == "num_warps"}
 
 
@@ -415,7 +387,7 @@ def plan(
             if dt not in module.TRITON_DTYPES:
                 continue
             for launch in capture_launches(case, dt):
-                kernel = kernels[launch.kernel]
+                kernel = kernels[launch.name]
                 for target in targets:
                     signature, constexprs, attrs, options = _bind(kernel, launch, TARGETS[target])
                     named = _constexpr_names(constexprs, kernel.arg_names)
@@ -424,7 +396,7 @@ def plan(
                         kind=case.kind,
                         case=case.case,
                         sizes=case.label,
-                        kernel=launch.kernel,
+                        kernel=launch.name,
                         dtype=dname,
                         target=target,
                         config=_config_label({**named, "num_warps": options.num_warps}),
@@ -451,131 +423,6 @@ def _table_order(jobs: Sequence[CompileJob], dtypes: Sequence[str], targets: Seq
                       dtypes.index(j.dtype), targets.index(j.target))
 
 
-# --------------------------------------------------------------------------- reading the cubin
-
-
-@dataclass
-class Row:
-    """One compile's result: the job's description and the cubin's resources.
-
-    ``registers`` per thread; ``shared`` bytes per program (Triton's launch
-    request, which includes the cubin's static shared memory); ``stack`` and
-    ``local`` bytes per thread (spills land there); ``spill_instructions`` the
-    SASS's ``LDL``/``STL``; ``ldg``/``stg`` global load/store instructions and
-    ``ldg128``/``stg128`` those 128-bit wide, ``ldg_bytes``/``stg_bytes`` the
-    bytes per thread of all of them (static: each instruction once); ``params``
-    the launch's block sizes and ``num_warps``. ``error`` is set (and the numbers
-    are -1) where the compile failed.
-    """
-
-    op: str
-    kind: str
-    case: str
-    sizes: str
-    kernel: str
-    config: str
-    params: Dict[str, int]
-    specialisation: str
-    dtype: str
-    target: str
-    registers: int = -1
-    shared: int = -1
-    stack: int = -1
-    local: int = -1
-    spill_instructions: int = -1
-    ldg: int = -1
-    ldg128: int = -1
-    stg: int = -1
-    stg128: int = -1
-    ldg_bytes: int = -1
-    stg_bytes: int = -1
-    error: Optional[str] = None
-
-    @property
-    def wide_share(self) -> str:
-        """``"0% / 100%"``: the share of load / store bytes per thread moved by 128-bit instructions."""
-        def pct(n128: int, total: int) -> str:
-            return f"{100 * 16 * n128 / total:.0f}%" if total > 0 else "–"
-
-        return f"{pct(self.ldg128, self.ldg_bytes)} / {pct(self.stg128, self.stg_bytes)}"
-
-    @property
-    def spills(self) -> bool:
-        """True when the kernel touches local memory (stack frame, local bytes or LDL/STL)."""
-        return self.stack > 0 or self.local > 0 or self.spill_instructions > 0
-
-
-_RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-
-
-def parse_res_usage(text: str) -> Dict[str, int]:
-    """``cuobjdump -res-usage`` output → ``{"registers", "stack", "shared", "local"}`` (summed over functions)."""
-    found = _RES_RE.findall(text)
-    if not found:
-        raise ValueError(f"cuobjdump -res-usage: no 'REG:.. STACK:.. SHARED:.. LOCAL:..' line in {text[:500]!r}")
-    regs, stack, shared, local = (max(int(f[i]) for f in found) if i == 0 else sum(int(f[i]) for f in found)
-                                  for i in range(4))
-    return {"registers": regs, "stack": stack, "shared": shared, "local": local}
-
-
-_OPCODE_RE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.MULTILINE)
-
-
-_WIDTH_BYTES = {"64": 8, "128": 16, "U16": 2, "S16": 2, "16": 2, "U8": 1, "S8": 1, "8": 1}
-
-
-def _access_bytes(modifiers: Sequence[str]) -> int:
-    """Bytes one thread moves with a load/store of these opcode modifiers (32-bit unless sized)."""
-    for m in modifiers:
-        if m in _WIDTH_BYTES:
-            return _WIDTH_BYTES[m]
-    return 4
-
-
-def count_global_accesses(sass: str) -> Dict[str, int]:
-    """Count the SASS's global loads (``LDG*``), stores (``STG*``), their 128-bit forms and local accesses.
-
-    Returns ``{"ldg", "ldg128", "stg", "stg128", "ldg_bytes", "stg_bytes",
-    "spill_instructions"}``; an opcode is 128-bit when it carries the ``.128``
-    modifier (``LDG.E.128``, ``STG.E.128``); ``*_bytes`` sum the access widths
-    (``.64`` 8 bytes, ``.U16`` 2, unsized 4) over the instructions, each once.
-    """
-    counts = {"ldg": 0, "ldg128": 0, "stg": 0, "stg128": 0, "ldg_bytes": 0, "stg_bytes": 0,
-              "spill_instructions": 0}
-    for opcode in _OPCODE_RE.findall(sass):
-        parts = opcode.split(".")
-        if parts[0] in ("LDG", "STG"):
-            key = parts[0].lower()
-            counts[key] += 1
-            counts[key + "128"] += "128" in parts[1:]
-            counts[key + "_bytes"] += _access_bytes(parts[1:])
-        elif parts[0] in ("LDL", "STL"):
-            counts["spill_instructions"] += 1
-    return counts
-
-
-def _cuobjdump(flag: str, cubin: bytes) -> str:
-    """Run the cuobjdump shipped with triton (``TRITON_CUOBJDUMP_PATH`` overrides) on a cubin."""
-    from triton import knobs
-
-    tool = knobs.nvidia.cuobjdump
-    path = tool.path if tool is not None else None
-    if not path:
-        raise RuntimeError("cuobjdump: not found in the triton package (set TRITON_CUOBJDUMP_PATH)")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        done = subprocess.run([path, flag, f.name], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"cuobjdump {flag} failed ({done.returncode}): {done.stderr.strip()[:500]}")
-    return done.stdout
-
-
-def sass_of(job: CompileJob) -> str:
-    """The SASS of ``job``'s cubin (compiled, or read from Triton's cache)."""
-    return _cuobjdump("-sass", _compile(job).asm["cubin"])
-
-
 def _compile(job: CompileJob):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -593,8 +440,8 @@ def compile_job(job: CompileJob) -> Row:
     try:
         compiled = _compile(job)
         cubin = compiled.asm["cubin"]
-        res = parse_res_usage(_cuobjdump("-res-usage", cubin))
-        counts = count_global_accesses(_cuobjdump("-sass", cubin))
+        res = parse_res_usage(cuobjdump("-res-usage", cubin))
+        counts = count_global_accesses(cuobjdump("-sass", cubin))
     except Exception as err:  # noqa: BLE001 - reported per row, the command then fails
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         return Row(**head, error=f"{type(err).__name__}: {' | '.join(lines[-6:])[:1500]}")
@@ -707,52 +554,15 @@ def floors_markdown(cases: Sequence[SizeCase], dtype: torch.dtype = torch.float3
 # --------------------------------------------------------------------------- output
 
 
-_COLUMNS: Tuple[Tuple[str, str], ...] = (
-    ("kernel", "kernel"),
-    ("config", "configuration"),
-    ("sizes", "sizes"),
-    ("specialisation", "int args specialised"),
-    ("dtype", "dtype"),
-    ("target", "target"),
-    ("registers", "regs"),
-    ("shared", "shared B"),
-    ("stack", "stack B"),
-    ("local", "local B"),
-    ("spill_instructions", "LDL/STL"),
-    ("ldg", "LDG"),
-    ("ldg128", "LDG.128"),
-    ("stg", "STG"),
-    ("stg128", "STG.128"),
-    ("wide_share", "128-bit share of ld / st bytes"),
-)
-
-
-def markdown_table(rows: Sequence[Row]) -> str:
-    """The rows as a Markdown table (failed compiles show their error in the last column)."""
-    head = [title for _, title in _COLUMNS] + ["error"]
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        cells = [str(getattr(r, key)) for key, _ in _COLUMNS]
-        cells[0] = f"`{cells[0]}`"
-        cells.append((r.error or "").replace("|", "\\|"))
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
-
-
 def _emit(path: str, text: str) -> None:
     """``text`` to stdout when ``path`` is ``"-"``, else atomically to the file ``path``."""
     if path == "-":
         print(text)
-    else:
-        atomic_write_text(path, text)
-
-
-def _failure_message(rows: Sequence[Row]) -> str:
-    bad = [r for r in rows if r.error]
-    lines = [f"{len(bad)} of {len(rows)} ahead-of-time compiles failed:"]
-    for r in bad:
-        lines.append(f"  {r.kernel} [{r.config}] {r.dtype} {r.target} at {r.sizes}: {r.error}")
-    return "\n".join(lines)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -780,7 +590,7 @@ def compile_report(
     """Plan and compile; rows in plan order. Failed compiles are rows with ``error`` set.
 
     When this process's kernels are interpreter objects (``TRITON_INTERPRET=1``,
-    as under the test suite), runs ``python -m fastland.ops.aot --json`` in a
+    as under the test suite), runs ``python tools/triton_aot.py --json`` in a
     subprocess without that variable and reads its rows back.
     """
     ops, dtypes, targets, case_sets = tuple(ops), tuple(dtypes), tuple(targets), tuple(case_sets)
@@ -789,7 +599,7 @@ def compile_report(
     env = {k: v for k, v in os.environ.items() if k != _INTERPRET_VAR}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        cmd = [sys.executable, "-m", "fastland.ops.aot", "--json", out, "--quiet", "--keep-going",
+        cmd = [sys.executable, os.path.abspath(__file__), "--json", out, "--quiet", "--keep-going",
                *_cli_args(ops, dtypes, targets, case_sets, workers)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0 or not os.path.exists(out):
@@ -802,7 +612,7 @@ def compile_report(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fastland.ops.aot",
+        prog="python tools/triton_aot.py",
         description="Compile fastland's Triton kernels ahead of time for sm_80/sm_90 (no GPU needed) and "
         "report registers, shared and local (spill) memory and global memory instructions per compile.",
     )
@@ -826,15 +636,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status (1 when a compile failed, unless ``--keep-going``)."""
     args = _parser().parse_args(argv)
-    from .utils import triton_available
+    from fastland.ops.utils import triton_available
 
     if not triton_available():
-        print("python -m fastland.ops.aot: triton is not installed (pip install triton)", file=sys.stderr)
+        print("tools/triton_aot.py: triton is not installed (pip install triton)", file=sys.stderr)
         return 2
     if _kernels_interpreted():  # re-run without the interpreter: its kernels cannot be compiled
         env = {k: v for k, v in os.environ.items() if k != _INTERPRET_VAR}
         argv = list(sys.argv[1:] if argv is None else argv)
-        return subprocess.run([sys.executable, "-m", "fastland.ops.aot", *argv], env=env).returncode
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode
     for name in args.dtypes:
         _dtype(name)
     if args.floors:
@@ -850,7 +660,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.quiet and "-" not in (args.json, args.markdown):
         print(table)
     if any(r.error for r in rows):
-        print(_failure_message(rows), file=sys.stderr)
+        print(failure_message(rows), file=sys.stderr)
         return 0 if args.keep_going else 1
     return 0
 

@@ -1,5 +1,7 @@
-// fastland::cpp_grid_combine_{forward,backward}: CPU kernels of the fused op
-// grid_combine (DESIGN §2.2). OpenMP (at::parallel_for) over grid points.
+// CPU kernels of the fused ops fastland::grid_combine and fastland::grid_combine_backward,
+// registered under the ops' own schemas (defined in fastland/ops/grid_combine.py). OpenMP
+// (at::parallel_for) over grid points; float32/float64 natively, half precision computed in
+// float32; any strides.
 //
 // forward:  base, u, v [N, *S], a, b [G] -> out [N, G, *S],  out[n, g] = base[n] + a[g] u[n] + b[g] v[n]
 // backward: grad_out [N, G, *S], a, b [G] -> (sum_g grad_out[n, g], sum_g a[g] grad_out[n, g],
@@ -9,7 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "softmax_rows.h"
+#include "cpu/row_kernels.h"
+#include "cpu/tensor_args.h"
 
 namespace fastland {
 namespace cpu {
@@ -63,40 +66,44 @@ void backward_impl(const T* gout, const T* a, const T* b, T* g0, T* g1, T* g2, i
   });
 }
 
-at::Tensor grid_combine_forward(const at::Tensor& base, const at::Tensor& u, const at::Tensor& v, const at::Tensor& a,
-                                const at::Tensor& b) {
-  check_input(base, "base");
-  check_input(u, "u");
-  check_input(v, "v");
-  check_same_dtype(u, base, "u", "base");
-  check_same_dtype(v, base, "v", "base");
-  TORCH_CHECK(base.dim() >= 1, "base: expected shape [N, *S], got ", base.sizes());
-  TORCH_CHECK(u.sizes() == base.sizes(), "u: expected shape ", base.sizes(), " (that of base), got ", u.sizes());
-  TORCH_CHECK(v.sizes() == base.sizes(), "v: expected shape ", base.sizes(), " (that of base), got ", v.sizes());
-  check_grid(a, b, base, "base");
+at::Tensor grid_combine_forward(const at::Tensor& base_in, const at::Tensor& u_in, const at::Tensor& v_in,
+                                const at::Tensor& a_in, const at::Tensor& b_in) {
+  check_input(base_in, "base");
+  check_input(u_in, "u");
+  check_input(v_in, "v");
+  check_same_dtype(u_in, base_in, "u", "base");
+  check_same_dtype(v_in, base_in, "v", "base");
+  TORCH_CHECK(base_in.dim() >= 1, "base: expected shape [N, *S], got ", base_in.sizes());
+  TORCH_CHECK(u_in.sizes() == base_in.sizes(), "u: expected shape ", base_in.sizes(), " (that of base), got ",
+              u_in.sizes());
+  TORCH_CHECK(v_in.sizes() == base_in.sizes(), "v: expected shape ", base_in.sizes(), " (that of base), got ",
+              v_in.sizes());
+  check_grid(a_in, b_in, base_in, "base");
+  const at::ScalarType dtype = base_in.scalar_type();
+  const at::Tensor base = prepared(base_in, dtype), u = prepared(u_in, dtype), v = prepared(v_in, dtype);
+  const at::Tensor a = prepared(a_in, dtype), b = prepared(b_in, dtype);
   const int64_t N = base.size(0), G = a.size(0);
   const int64_t D = N == 0 ? 0 : base.numel() / N;
   std::vector<int64_t> shape(base.sizes().begin(), base.sizes().end());
   shape.insert(shape.begin() + 1, G);
   at::Tensor out = at::empty(shape, base.options());
-  if (D == 0 && N > 0) {
-    // a zero-size feature shape: nothing to write
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES(base.scalar_type(), "cpp_grid_combine_forward", [&] {
+  if (out.numel() == 0) return out.to(dtype);
+  AT_DISPATCH_FLOATING_TYPES(base.scalar_type(), "grid_combine", [&] {
     forward_impl<scalar_t>(base.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
                            v.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
                            out.mutable_data_ptr<scalar_t>(), N, G, D);
   });
-  return out;
+  return out.to(dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grid_combine_backward(const at::Tensor& grad_out, const at::Tensor& a,
-                                                                     const at::Tensor& b) {
-  check_input(grad_out, "grad_out");
-  check_grid(a, b, grad_out, "grad_out");
-  TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(1) == a.size(0), "grad_out: expected shape [N, ", a.size(0),
-              ", *S], got ", grad_out.sizes());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grid_combine_backward(const at::Tensor& grad_out_in,
+                                                                     const at::Tensor& a_in, const at::Tensor& b_in) {
+  check_input(grad_out_in, "grad_out");
+  check_grid(a_in, b_in, grad_out_in, "grad_out");
+  TORCH_CHECK(grad_out_in.dim() >= 2 && grad_out_in.size(1) == a_in.size(0), "grad_out: expected shape [N, ",
+              a_in.size(0), ", *S], got ", grad_out_in.sizes());
+  const at::ScalarType dtype = grad_out_in.scalar_type();
+  const at::Tensor grad_out = prepared(grad_out_in, dtype), a = prepared(a_in, dtype), b = prepared(b_in, dtype);
   const int64_t N = grad_out.size(0), G = a.size(0);
   std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end());
   shape.erase(shape.begin() + 1);
@@ -105,25 +112,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grid_combine_backward(const at::T
   at::Tensor g0 = at::empty(shape, grad_out.options());
   at::Tensor g1 = at::empty(shape, grad_out.options());
   at::Tensor g2 = at::empty(shape, grad_out.options());
-  if (N == 0 || D == 0) return {g0, g1, g2};
-  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "cpp_grid_combine_backward", [&] {
+  if (N == 0 || D == 0) return {g0.to(dtype), g1.to(dtype), g2.to(dtype)};
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "grid_combine_backward", [&] {
     backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
                             b.const_data_ptr<scalar_t>(), g0.mutable_data_ptr<scalar_t>(),
                             g1.mutable_data_ptr<scalar_t>(), g2.mutable_data_ptr<scalar_t>(), N, G, D);
   });
-  return {g0, g1, g2};
+  return {g0.to(dtype), g1.to(dtype), g2.to(dtype)};
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace fastland
 
-TORCH_LIBRARY_FRAGMENT(fastland, m) {
-  m.def("cpp_grid_combine_forward(Tensor base, Tensor u, Tensor v, Tensor a, Tensor b) -> Tensor");
-  m.def("cpp_grid_combine_backward(Tensor grad_out, Tensor a, Tensor b) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(fastland, CPU, m) {
-  m.impl("cpp_grid_combine_forward", &fastland::cpu::grid_combine_forward);
-  m.impl("cpp_grid_combine_backward", &fastland::cpu::grid_combine_backward);
+  m.impl("grid_combine", &fastland::cpu::grid_combine_forward);
+  m.impl("grid_combine_backward", &fastland::cpu::grid_combine_backward);
 }

@@ -1,5 +1,7 @@
-// fastland::cpp_weighted_projection_{forward,backward}: CPU kernels of the fused
-// op weighted_projection (DESIGN §2.1). OpenMP (at::parallel_for) over blocks of rows.
+// CPU kernels of the fused ops fastland::weighted_projection and
+// fastland::weighted_projection_backward, registered under the ops' own schemas
+// (defined in fastland/ops/weighted_projection.py). OpenMP (at::parallel_for) over blocks of rows;
+// float32/float64 natively, half precision computed in float32; any strides.
 //
 // forward:  logits [B, C], noise [P, B, C] -> cot [P, B, C], lse [B]
 //           v = noise / ||noise|| per row (v = 1 when C = 1), cot = v * softmax(z) (or v).
@@ -11,7 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "softmax_rows.h"
+#include "cpu/row_kernels.h"
+#include "cpu/tensor_args.h"
 
 namespace fastland {
 namespace cpu {
@@ -92,52 +95,50 @@ void backward_impl(const T* gcot, const T* glse, const T* z, const T* noise, T* 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> weighted_projection_forward(const at::Tensor& logits, const at::Tensor& noise,
+std::tuple<at::Tensor, at::Tensor> weighted_projection_forward(const at::Tensor& logits_in, const at::Tensor& noise_in,
                                                                bool softmax) {
-  check_args(logits, noise);
+  check_args(logits_in, noise_in);
+  const at::ScalarType dtype = logits_in.scalar_type();
+  const at::Tensor logits = prepared(logits_in, dtype), noise = prepared(noise_in, dtype);
   const int64_t P = noise.size(0), B = logits.size(0), C = logits.size(1);
   at::Tensor cot = at::empty_like(noise);
   at::Tensor lse = at::empty({B}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_weighted_projection_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "weighted_projection", [&] {
     forward_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), noise.const_data_ptr<scalar_t>(),
                            cot.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), P, B, C, softmax);
   });
-  return {cot, lse};
+  return {cot.to(dtype), lse.to(dtype)};
 }
 
-at::Tensor weighted_projection_backward(const at::Tensor& grad_cot, const at::Tensor& grad_lse,
-                                        const at::Tensor& logits, const at::Tensor& noise, bool softmax) {
-  check_args(logits, noise);
-  check_input(grad_cot, "grad_cot");
-  check_input(grad_lse, "grad_lse");
-  check_same_dtype(grad_cot, logits, "grad_cot", "logits");
-  check_same_dtype(grad_lse, logits, "grad_lse", "logits");
-  TORCH_CHECK(grad_cot.sizes() == noise.sizes(), "grad_cot: expected shape ", noise.sizes(), ", got ",
-              grad_cot.sizes());
-  TORCH_CHECK(grad_lse.dim() == 1 && grad_lse.size(0) == logits.size(0), "grad_lse: expected shape [",
-              logits.size(0), "], got ", grad_lse.sizes());
+at::Tensor weighted_projection_backward(const at::Tensor& grad_cot_in, const at::Tensor& grad_lse_in,
+                                        const at::Tensor& logits_in, const at::Tensor& noise_in, bool softmax) {
+  check_args(logits_in, noise_in);
+  check_input(grad_cot_in, "grad_cot");
+  check_input(grad_lse_in, "grad_lse");
+  check_same_dtype(grad_cot_in, logits_in, "grad_cot", "logits");
+  check_same_dtype(grad_lse_in, logits_in, "grad_lse", "logits");
+  TORCH_CHECK(grad_cot_in.sizes() == noise_in.sizes(), "grad_cot: expected shape ", noise_in.sizes(), ", got ",
+              grad_cot_in.sizes());
+  TORCH_CHECK(grad_lse_in.dim() == 1 && grad_lse_in.size(0) == logits_in.size(0), "grad_lse: expected shape [",
+              logits_in.size(0), "], got ", grad_lse_in.sizes());
+  const at::ScalarType dtype = logits_in.scalar_type();
+  const at::Tensor grad_cot = prepared(grad_cot_in, dtype), grad_lse = prepared(grad_lse_in, dtype);
+  const at::Tensor logits = prepared(logits_in, dtype), noise = prepared(noise_in, dtype);
   const int64_t P = noise.size(0), B = logits.size(0), C = logits.size(1);
   at::Tensor gz = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_weighted_projection_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "weighted_projection_backward", [&] {
     backward_impl<scalar_t>(grad_cot.const_data_ptr<scalar_t>(), grad_lse.const_data_ptr<scalar_t>(),
                             logits.const_data_ptr<scalar_t>(), noise.const_data_ptr<scalar_t>(),
                             gz.mutable_data_ptr<scalar_t>(), P, B, C, softmax);
   });
-  return gz;
+  return gz.to(dtype);
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace fastland
 
-TORCH_LIBRARY_FRAGMENT(fastland, m) {
-  m.def("cpp_weighted_projection_forward(Tensor logits, Tensor noise, bool softmax) -> (Tensor, Tensor)");
-  m.def(
-      "cpp_weighted_projection_backward(Tensor grad_cot, Tensor grad_lse, Tensor logits, Tensor noise, "
-      "bool softmax) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fastland, CPU, m) {
-  m.impl("cpp_weighted_projection_forward", &fastland::cpu::weighted_projection_forward);
-  m.impl("cpp_weighted_projection_backward", &fastland::cpu::weighted_projection_backward);
+  m.impl("weighted_projection", &fastland::cpu::weighted_projection_forward);
+  m.impl("weighted_projection_backward", &fastland::cpu::weighted_projection_backward);
 }
