@@ -8,11 +8,12 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/*.h csrc/cpu/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench install data clean help sdist-check
+.PHONY: demo test test-all bench install data clean help sdist-check aot
 
 help:
 	@echo "make demo      train/evaluate/plot the Fashion-MNIST demo (runs/demo/report.md)"
-	@echo "make test      run the test suite (not the slow end-to-end runs)"
+	@echo "make test      run the test suite (not the slow end-to-end runs, not the AOT compiles)"
+	@echo "make aot       compile the Triton kernels ahead of time for sm_80/sm_90 and check them (tools/)"
 	@echo "make test-all  run every test, the slow ones included"
 	@echo "make bench     run the benchmarks and regenerate benchmarks/README.md"
 	@echo "make sdist-check  build the sdist, then a wheel from it alone, install and smoke-test it"
@@ -46,7 +47,11 @@ demo: $(STAMP) data
 	$(PY) -m fastland demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not aot" $(PYTEST_ARGS)
+
+# Ahead-of-time Triton compiles for real GPUs, no GPU needed (tools/triton_aot.py, ~1-2 min cold).
+aot: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "aot and not slow" tests/test_aot.py $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
