@@ -1,0 +1,166 @@
+"""The fast input-gradient path of :mod:`fastland.fast_conv`, off vs on, one thread.
+
+Groups (``off`` is each group's baseline; LeNet-5 and DDNet, Fashion-MNIST shapes):
+
+* ``conv-step-<model>-<defence>``: one ``fastland.train_step`` per defence
+  (``none``, ``at`` = PGD-10, ``jacobian``, ``amsreg``; batch 128);
+* ``conv-pgd10-<model>``: ``fastland.attacks.pgd``, 10 steps, batch 128;
+* ``conv-flatness-<model>``: ``fastland.flatness`` on 32 images (paper grid);
+  ``on+adjoint`` also routes the fused first layer's adjoint (the library's
+  ``_fusion`` module) through :func:`fastland.fast_conv.conv_input_grad`;
+* ``conv-penalty-lenet``: a plain CE step (baseline) vs CE + AMSReg with
+  ``n_proj`` 1 and 8 and ``estimator="exact"``, path on;
+* ``conv-pgd-torchattacks-lenet``: torchattacks' PGD on the plain model (baseline) and
+  with the path, vs fastland's PGD with the path.
+
+Full run (process CPU time; a few minutes)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/bench_conv.py --benchmark-only -q \\
+        --benchmark-timer=time.process_time --benchmark-min-rounds=3 \\
+        --benchmark-json=/tmp/bench_conv.json
+
+Smoke run (tiny sizes, seconds): prefix ``FASTLAND_BENCH_SMOKE=1`` and add
+``--benchmark-disable`` (each benchmark runs once, untimed).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fastland import _fusion, fast_conv, flatness, models
+from fastland.attacks import pgd
+
+try:
+    from fastland.defences import Defence, train_step
+except ImportError:  # pragma: no cover - before the defences module existed
+    from fastland.train import Defence, train_step  # type: ignore[no-redef]
+
+SMOKE = os.environ.get("FASTLAND_BENCH_SMOKE") == "1"
+BATCH = 8 if SMOKE else 128
+FLAT_N = 2 if SMOKE else 32
+STEPS = 2 if SMOKE else 10
+EPS = 10 / 255
+MODELS = ("lenet", "ddnet")
+DEFENCES = {
+    "none": Defence("none"),
+    "at": Defence("at", eps=EPS, steps=STEPS),
+    "jacobian": Defence("jacobian", lam=0.01),
+    "amsreg": Defence("amsreg", lam=0.5),
+}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def _model(name: str, path: str) -> nn.Module:
+    """A seeded fastland model with the path on (``on``, ``on+adjoint``) or removed (``off``)."""
+    torch.manual_seed(0)
+    m = models.create(name, "fmnist")
+    return fast_conv.apply(m) if path.startswith("on") else fast_conv.remove(m)
+
+
+@contextlib.contextmanager
+def _adjoint(path: str) -> Iterator[None]:
+    """For ``on+adjoint``: the fused first layer's adjoint through ``fast_conv.conv_input_grad``."""
+    if path != "on+adjoint":
+        yield
+        return
+    saved = dict(_fusion._CONV_INPUT_GRAD)
+    _fusion._CONV_INPUT_GRAD.update({n: fast_conv.conv_input_grad for n in saved})
+    try:
+        yield
+    finally:
+        _fusion._CONV_INPUT_GRAD.update(saved)
+
+
+def _run(benchmark, group: str, path: str, fn: Callable[[], Tensor]) -> None:
+    benchmark.group = group
+    benchmark.extra_info["path"] = path
+    if path == "off":
+        benchmark.extra_info["baseline"] = True
+    assert bool(torch.isfinite(benchmark(fn)).all())
+
+
+@pytest.mark.parametrize("path", ["off", "on"])
+@pytest.mark.parametrize("defence", list(DEFENCES))
+@pytest.mark.parametrize("name", MODELS)
+def test_step(benchmark, data, name, defence, path):
+    model = _model(name, path).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = lambda: train_step(model, *data, DEFENCES[defence], opt, generator=gen, params=params)[0].detach()  # noqa: E731
+    _run(benchmark, f"conv-step-{name}-{defence}", path, step)
+
+
+@pytest.mark.parametrize("path", ["off", "on"])
+@pytest.mark.parametrize("name", MODELS)
+def test_pgd(benchmark, data, name, path):
+    model = _model(name, path).eval()
+    gen = torch.Generator().manual_seed(0)
+    attack = lambda: pgd(model, *data, EPS, alpha=2.5 * EPS / STEPS, steps=STEPS, generator=gen)  # noqa: E731
+    _run(benchmark, f"conv-pgd{STEPS}-{name}", path, attack)
+
+
+@pytest.mark.parametrize("path", ["off", "on", "on+adjoint"])
+@pytest.mark.parametrize("name", MODELS)
+def test_flatness(benchmark, data, name, path):
+    model = _model(name, path).eval()
+    x = data[0][:FLAT_N]
+    kwargs = dict(n_dirs=1, points=3) if SMOKE else {}
+
+    def measure() -> Tensor:
+        with _adjoint(path):
+            return flatness(model, x, generator=torch.Generator().manual_seed(0), **kwargs).phi
+
+    _run(benchmark, f"conv-flatness-{name}", path, measure)
+
+
+PENALTIES = {"ce": None, "amsreg-n1": dict(n_proj=1), "amsreg-n8": dict(n_proj=8),
+             "amsreg-exact": dict(estimator="exact")}
+
+
+@pytest.mark.parametrize("penalty", list(PENALTIES))
+def test_penalty_vs_ce(benchmark, data, penalty):
+    """A plain CE step (``Defence("none")``, inputs not requiring grad) vs CE + AMSReg."""
+    model = _model("lenet", "on").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    kw = PENALTIES[penalty]
+    defence = Defence("none") if kw is None else Defence("amsreg", lam=0.5, **kw)
+    gen = torch.Generator().manual_seed(0)
+    params = list(model.parameters())
+    benchmark.group = "conv-penalty-lenet"
+    if kw is None:
+        benchmark.extra_info["baseline"] = True
+    step = lambda: train_step(model, *data, defence, opt, generator=gen, params=params)[0].detach()  # noqa: E731
+    assert bool(torch.isfinite(benchmark(step)))
+
+
+@pytest.mark.parametrize("impl", ["torchattacks-off", "torchattacks-on", "fastland-on"])
+def test_pgd_vs_torchattacks(benchmark, data, impl):
+    """torchattacks' PGD on the plain LeNet (baseline) and on the same model with the
+    path, vs fastland's PGD with the path: the gain is the layer's, not the loop's."""
+    model = _model("lenet", impl.split("-")[1]).eval()
+    alpha = 2.5 * EPS / STEPS
+    if impl.startswith("torchattacks"):
+        torchattacks = pytest.importorskip("torchattacks")
+        atk = torchattacks.PGD(model, eps=EPS, alpha=alpha, steps=STEPS, random_start=True)
+        attack = lambda: atk(*data)  # noqa: E731
+    else:
+        gen = torch.Generator().manual_seed(0)
+        attack = lambda: pgd(model, *data, EPS, alpha=alpha, steps=STEPS, generator=gen)  # noqa: E731
+    benchmark.group = "conv-pgd-torchattacks-lenet"
+    if impl == "torchattacks-off":
+        benchmark.extra_info["baseline"] = True
+    out = benchmark(attack)
+    assert float((out - data[0]).abs().max()) <= EPS + 1e-6
