@@ -34,8 +34,9 @@ MODELS: Dict[str, Callable[[], Tuple[nn.Module, Tuple[int, ...]]]] = {
 B = 5
 
 
-def make(name: str, dtype: torch.dtype = torch.float64) -> Tuple[nn.Module, Tensor]:
-    """A tiny model in eval mode and a fresh ``[B, *S]`` input batch (requires grad)."""
+def make(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> Tuple[nn.Module, Tensor]:
+    """A tiny model in eval mode and a ``[B, *S]`` input batch (requires grad), drawn from ``seed``."""
+    torch.manual_seed(seed)
     model, shape = MODELS[name]()
     model = model.to(dtype).eval()
     x = torch.rand(B, *shape, dtype=dtype, requires_grad=True)
