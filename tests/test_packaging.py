@@ -67,6 +67,7 @@ def test_sdist_holds_every_file_the_build_and_tests_need(sdist: Path) -> None:
     wanted += [p for p in files if p.startswith("fastland/") and p.endswith(".py")]
     wanted += [p for p in files if p.startswith("tests/") and p.endswith(".py")]
     wanted += [p for p in files if p.startswith("docs/")]
+    wanted += [p for p in files if p.startswith("tools/") and p.endswith(".py")]  # the tests use them
     missing = sorted(set(wanted) - members)
     assert not missing, f"the sdist lacks {missing}"
 
