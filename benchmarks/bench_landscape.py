@@ -1,4 +1,4 @@
-"""Landscape and flatness throughput on this CPU (issue 5).
+"""Landscape and flatness throughput on the CPU.
 
 Groups (each with one baseline; ratios are time ÷ baseline):
 

@@ -8,7 +8,7 @@ Groups:
   the JacobianReg-style Python loop (baseline, written here), as one batched
   backward (``is_grads_batched``), and fastland's per-device default.
 
-Run (process CPU time, one intra-op thread: on this shared 2-core machine wall
+Run (process CPU time, one intra-op thread: on a shared CPU with few cores wall
 time swings 2-3x with other processes' load, CPU time by a few percent)::
 
     .venv/bin/python -m pytest benchmarks/bench_penalties.py --benchmark-only -q \
@@ -32,7 +32,7 @@ BATCH, LAM = 128, 0.5
 Penalty = Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]]
 
 
-THREADS = 1  # one intra-op thread: on a shared 2-core machine, 2 OpenMP threads
+THREADS = 1  # one intra-op thread: on a shared CPU with few cores, 2 OpenMP threads
 #               stall on every barrier whenever another process holds a core.
 
 

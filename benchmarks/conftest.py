@@ -21,7 +21,7 @@ def _record_versions(request):
 
 @pytest.fixture
 def one_thread(benchmark):
-    """Time on one intra-op thread, restored afterwards: on the shared 2-core box a
+    """Time on one intra-op thread, restored afterwards: on a shared CPU with few cores a
     2-thread OpenMP region stalls whenever the other core is busy, which turned
     timings bimodal (see the notes). Recorded in extra_info["threads"].
     Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""

@@ -1,4 +1,4 @@
-"""First-layer linearity fusion (DESIGN §2).
+"""First-layer linearity fusion (docs/design.md §2).
 
 For a model ``f = rest ∘ L`` whose leading layers ``L`` are affine (input
 normalisation, flatten, one ``Conv{1,2,3}d``/``Linear``, eval-mode BatchNorm),

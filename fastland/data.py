@@ -6,7 +6,7 @@ Whole sets live in memory as tensors, decoded once; :func:`tensor_batches`
 iterates over them by slicing whole batches (no per-sample Python).
 
 Fashion-MNIST is parsed from the IDX files (``.gz`` or unzipped) with
-gzip + numpy, searched in this order (DESIGN §4):
+gzip + numpy, searched in this order (docs/design.md §4):
 
 1. ``data_dir`` and ``data_dir/FashionMNIST/raw``,
 2. ``/usr/share/datasets/fashion-mnist`` (Debian: ``apt-get install dataset-fashion-mnist``),
@@ -209,7 +209,7 @@ def tensor_batches(
 def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
     """``t[idx]`` for ``t`` ``[N, *R]`` and ``idx`` ``[b]`` → ``[b, *R]``, gathered from the
     2-D view ``[N, prod(R)]``: one contiguous row copy per index (plain ``t[idx]`` on a
-    4-D tensor was 8-20x slower on a loaded 2-core CPU, see benchmarks/notes/data.md)."""
+    4-D tensor was 8-20x slower on a loaded CPU with two cores, see benchmarks/notes/data.md)."""
     idx = idx.to(t.device)
     if t.dim() <= 2:
         return t.index_select(0, idx)
@@ -330,7 +330,7 @@ def _find_idx(folder: Path, stem: str) -> Optional[Path]:
 
 
 def _fmnist_folders(root: Optional[Path]) -> List[Path]:
-    """Folders to search, in order (DESIGN §4)."""
+    """Folders to search, in order (docs/design.md §4)."""
     folders: List[Path] = []
     if root is not None:
         folders += [root, root / "FashionMNIST" / "raw"]

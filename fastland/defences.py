@@ -31,12 +31,8 @@ from torch import Tensor, nn
 
 __all__ = ["DEFENCES", "Defence", "defence_loss", "train_step"]
 
-DEFENCES = ("none", "at", "jacobian", "amsreg")
-# estimators each penalty defence accepts (the Jacobian penalty has no softmax weighting to drop)
-_DEFENCE_ESTIMATORS = {
-    "jacobian": ("projection", "exact"),
-    "amsreg": ("projection", "exact", "gradnorm", "finite_difference"),
-}
+from .choices import DEFENCE_ESTIMATORS as _DEFENCE_ESTIMATORS
+from .choices import DEFENCES
 
 
 def _need(cond: bool, name: str, expected: str, got: Any) -> None:

@@ -13,7 +13,7 @@ from ._grid import check_logits, eval_mode, plan
 
 __all__ = ["LoglikHistogram", "loglik_histogram"]
 
-PERTURBATIONS = ("rademacher", "uniform")
+from .choices import PERTURBATIONS
 
 
 @dataclass

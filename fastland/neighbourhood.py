@@ -24,7 +24,7 @@ from ._grid import eval_mode
 
 __all__ = ["DIRECTION_KINDS", "directions", "orthogonal_signs", "fgsm_direction", "grid_coordinates"]
 
-DIRECTION_KINDS = ("rademacher", "gaussian", "fgsm")
+from .choices import DIRECTION_KINDS
 
 Directions = Union[str, Tuple[Tensor, Tensor]]
 

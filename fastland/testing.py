@@ -68,7 +68,7 @@ def skip_if_unavailable(backend: str) -> None:
 @contextlib.contextmanager
 def num_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` intra-op threads, restoring the previous count after
-    (on a shared 2-core box, 2-thread OpenMP regions stall behind other processes)."""
+    (on a shared CPU with few cores, 2-thread OpenMP regions stall behind other processes)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -25,7 +25,7 @@ def backend(request, monkeypatch) -> str:
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread while a test runs (restored after): on the shared 2-core box,
+    """One intra-op thread while a test runs (restored after): on a shared CPU with few cores,
     2-thread OpenMP regions stall behind other processes (10-15x slower).
     Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     with num_threads(1):

@@ -81,11 +81,17 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def resolve_device(device: str | torch.device, dist_info: Optional[Dist] = None) -> torch.device:
+    """``"auto"`` → CUDA when present, else the CPU; a CUDA request without CUDA is a clear error."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but no CUDA device is available; use --device cpu or auto")
     if dev.type == "cuda" and dev.index is None:
         local = int(os.environ.get("LOCAL_RANK", "0")) if dist_info is None else dist_info.local_rank
         dev = torch.device("cuda", local)

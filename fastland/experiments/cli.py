@@ -9,17 +9,19 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from .run_folder import RunFolderBusy
+from ..choices import DATASETS, DEFENCES, DIRECTION_KINDS, ESTIMATORS, FLATNESS_REDUCTIONS, MODELS
 
 __all__ = ["main", "build_parser"]
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
 # exceptions that mean "the user asked for something impossible", not a bug
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+                RunFolderBusy)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,7 +82,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_options(p: argparse.ArgumentParser, n_phi: int = 500) -> None:
-    g = p.add_argument_group("evaluation (PGD defaults: the paper's per data set, DESIGN §1)")
+    g = p.add_argument_group("evaluation (PGD defaults: the paper's per data set, docs/design.md §1)")
     g.add_argument("--eps", type=_fraction, default=None,
                    help="PGD ε in pixel units (default: 25/255 F-MNIST, 8/255 CIFAR-10)")
     g.add_argument("--alpha", type=_fraction, default=None,
@@ -96,31 +98,21 @@ def _add_eval_options(p: argparse.ArgumentParser, n_phi: int = 500) -> None:
                    help="grid half-width for Φ, pixel units (None: fastland.flatness's default)")
     g.add_argument("--phi-points", type=_positive_int, default=None,
                    help="grid points per axis for Φ (None: fastland.flatness's default)")
-    g.add_argument("--reduction", choices=("sum", "mean"), default="sum",
+    g.add_argument("--reduction", choices=FLATNESS_REDUCTIONS, default="sum",
                    help="Φ sums the AMS score over grid points (the paper's) or averages it")
     g.add_argument("--eval-batch-size", type=_positive_int, default=500, help="batch size of the evaluation")
-
-
-def _eval_settings(args: argparse.Namespace, dataset: str, seed: int = 0) -> Any:
-    from .evaluate import default_eval_settings
-
-    return default_eval_settings(
-        dataset, eps=args.eps, alpha=args.alpha, steps=args.steps, n_clean=args.n_clean,
-        n_pgd=args.n_pgd, n_phi=args.n_phi, phi_dirs=args.phi_dirs, phi_span=args.phi_span,
-        phi_points=args.phi_points, reduction=args.reduction, batch_size=args.eval_batch_size, seed=seed)
 
 
 # --------------------------------------------------------------------------- subcommands
 
 
 def _train_parser(sub: Any) -> None:
-    from ..defences import DEFENCES
 
     p = sub.add_parser("train", help="train a model with a defence", formatter_class=_FMT,
                        description="Train MODEL on DATASET with DEFENCE; a checkpoint every epoch, "
                                    "--resume continues it. Under torchrun: DDP.")
-    p.add_argument("--model", choices=("lenet", "ddnet", "resnet18"), default="lenet", help="architecture")
-    p.add_argument("--dataset", choices=("fmnist", "cifar10", "synthetic"), default="fmnist",
+    p.add_argument("--model", choices=MODELS, default="lenet", help="architecture")
+    p.add_argument("--dataset", choices=DATASETS, default="fmnist",
                    help="data set (synthetic: a small random one, for tests)")
     p.add_argument("--defence", choices=DEFENCES, default="none",
                    help="none, at (PGD-k adversarial training), jacobian or amsreg")
@@ -132,7 +124,7 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--lam", type=_nonneg_float, default=None,
                    help="λ of CE + λ/2·penalty (default: the paper's; F-MNIST 0.01 Jacobian, 0.5 AMSReg; "
                         "CIFAR-10 0.05, 1.0)")
-    p.add_argument("--estimator", choices=("projection", "exact", "gradnorm", "finite_difference"),
+    p.add_argument("--estimator", choices=ESTIMATORS,
                    default="projection", help="penalty estimator (Jacobian: projection or exact)")
     p.add_argument("--n-proj", type=_positive_int, default=1, help="random projections per sample")
     p.add_argument("--at-eps", type=_fraction, default=None, help="ε of adversarial training (default: 10/255 F-MNIST, 3/255 CIFAR-10)")
@@ -141,42 +133,16 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
     p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset of this size")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<defence>)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its saved settings (flags given with it must agree)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run of other settings in --out")
     p.add_argument("--stop-after", type=_positive_int, default=None, help=argparse.SUPPRESS)
     _add_data_options(p)
     _add_run_options(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_command("train"))
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
-
-    cfg = TrainConfig(
-        model=args.model, dataset=args.dataset, defence=args.defence, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        lam=args.lam, estimator=args.estimator, n_proj=args.n_proj, at_eps=args.at_eps,
-        at_alpha=args.at_alpha, at_steps=args.at_steps, seed=args.seed, train_size=args.train_size)
-    out = args.out or f"runs/{args.dataset}-{args.model}-{args.defence}"
-    try:
-        r = train(cfg, out, data_dir=args.data_dir, download=args.download, resume=args.resume,
-                  stop_after=args.stop_after, device=args.device, progress=not args.no_progress)
-    finally:
-        _leave_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    last = r.metrics[-1] if r.metrics else {}
-    print(json.dumps({"out": str(r.out_dir), "epochs_done": r.epochs_done, "complete": r.complete, **last}))
-    return 0
-
-
-def _leave_process_group() -> None:
-    """Destroy the torchrun process group that training joined (if any)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
+# train flag -> TrainConfig field
 def _evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="clean accuracy, PGD accuracy and Φ of a trained run, as JSON",
                        formatter_class=_FMT)
@@ -187,35 +153,7 @@ def _evaluate_parser(sub: Any) -> None:
     _add_eval_options(p)
     _add_data_options(p)
     _add_run_options(p)
-    p.set_defaults(func=_cmd_evaluate)
-
-
-def _load_run_and_test(args: argparse.Namespace) -> Any:
-    from .train import load_data, load_trained
-
-    model, cfg = load_trained(args.run, device=_device(args.device))
-    x, y = load_data(cfg, "test", data_dir=args.data_dir, download=args.download)
-    return model, cfg, x, y
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .._io import atomic_write_text
-
-    model, cfg, x, y = _load_run_and_test(args)
-    res = evaluate(model, x, y, _eval_settings(args, cfg.dataset, args.seed),
-                   progress=not args.no_progress, phi=not args.no_phi)
-    res = {"run": str(args.run), "model": cfg.model, "dataset": cfg.dataset, "defence": cfg.defence, **res}
-    text = json.dumps(res, indent=2)
-    atomic_write_text(args.out or Path(args.run) / "eval.json", text + "\n")
-    print(text)
-    return 0
+    p.set_defaults(func=_command("evaluate"))
 
 
 def _flatness_parser(sub: Any) -> None:
@@ -226,22 +164,10 @@ def _flatness_parser(sub: Any) -> None:
     p.add_argument("--phi-dirs", type=_positive_int, default=None, help="direction pairs per example (None: fastland.flatness's default)")
     p.add_argument("--phi-span", type=_fraction, default=None, help="grid half-width, pixel units (None: fastland.flatness's default)")
     p.add_argument("--phi-points", type=_positive_int, default=None, help="grid points per axis (None: fastland.flatness's default)")
-    p.add_argument("--reduction", choices=("sum", "mean"), default="sum", help="sum (the paper's) or mean over grid points")
+    p.add_argument("--reduction", choices=FLATNESS_REDUCTIONS, default="sum", help="sum (the paper's) or mean over grid points")
     _add_data_options(p)
     _add_run_options(p)
-    p.set_defaults(func=_cmd_flatness)
-
-
-def _cmd_flatness(args: argparse.Namespace) -> int:
-    from .evaluate import default_eval_settings, flatness_of, subset_indices
-
-    model, cfg, x, _ = _load_run_and_test(args)
-    s = default_eval_settings(cfg.dataset, n_phi=args.n_phi, phi_dirs=args.phi_dirs, phi_span=args.phi_span,
-                              phi_points=args.phi_points, reduction=args.reduction, seed=args.seed)
-    idx = subset_indices(x.shape[0], s.n_phi, s.seed)
-    res = flatness_of(model, x[idx], s, progress=not args.no_progress)
-    print(json.dumps({"run": str(args.run), "n_phi": int(idx.numel()), "reduction": s.reduction, **res}))
-    return 0
+    p.set_defaults(func=_command("flatness"))
 
 
 def _landscape_parser(sub: Any) -> None:
@@ -249,7 +175,7 @@ def _landscape_parser(sub: Any) -> None:
                        formatter_class=_FMT)
     p.add_argument("runs", nargs="+", help="run folders written by `fastland train` (one panel each)")
     p.add_argument("--index", type=int, default=0, help="test example to centre the landscape on")
-    p.add_argument("--directions", choices=("rademacher", "gaussian", "fgsm"), default="rademacher",
+    p.add_argument("--directions", choices=DIRECTION_KINDS, default="rademacher",
                    help="random signed, Gaussian orthonormal, or FGSM + random directions")
     p.add_argument("--span", type=_fraction, default=None, help="grid half-width, pixel units (None: fastland.landscape's default)")
     p.add_argument("--grid-points", type=_positive_int, default=None, help="grid points per axis (None: fastland.landscape's default)")
@@ -258,30 +184,11 @@ def _landscape_parser(sub: Any) -> None:
     p.add_argument("--out", default="landscape.png", help="figure path (a .pdf is written beside it)")
     _add_data_options(p)
     _add_run_options(p)
-    p.set_defaults(func=_cmd_landscape)
-
-
-def _cmd_landscape(args: argparse.Namespace) -> int:
-    from .reproduce import landscape_figure
-    from .train import load_data, load_trained
-
-    loaded = [load_trained(r, device=_device(args.device)) for r in args.runs]
-    datasets = {c.dataset for _, c in loaded}
-    if len(datasets) != 1:
-        raise ValueError(f"runs: expected runs on one data set, got {sorted(datasets)}")
-    x, y = load_data(loaded[0][1], "test", data_dir=args.data_dir, download=args.download)
-    if not 0 <= args.index < x.shape[0]:
-        raise ValueError(f"--index: expected 0 <= index < {x.shape[0]}, got {args.index}")
-    models = {Path(r).name: m for r, (m, _) in zip(args.runs, loaded)}
-    paths = landscape_figure(models, x[args.index:args.index + 1], y[args.index:args.index + 1], args.out,
-                             directions=args.directions, span=args.span, points=args.grid_points,
-                             kind=args.kind, seed=args.seed)
-    print(json.dumps({"figures": [str(p) for p in paths]}))
-    return 0
+    p.set_defaults(func=_command("landscape"))
 
 
 def _reproduce_parser(sub: Any) -> None:
-    from .reproduce import CONFIGS
+    from .paper import CONFIGS
 
     p = sub.add_parser("reproduce", help="the paper's Tables 1/2 and Figs. 1-5 for one setting", formatter_class=_FMT,
                        description="Train the four defences with the paper's settings, evaluate them, and write "
@@ -301,23 +208,7 @@ def _reproduce_parser(sub: Any) -> None:
     _add_eval_options(p, n_phi=1000)
     _add_data_options(p)
     _add_run_options(p)
-    p.set_defaults(func=_cmd_reproduce)
-
-
-def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import CONFIGS, default_out, reproduce
-
-    defences = tuple(d.strip() for d in args.defences.split(",") if d.strip())
-    out = args.out or default_out(args.setting, args.epochs, train_size=args.train_size,
-                                  batch_size=args.batch_size, seed=args.seed)
-    s = _eval_settings(args, CONFIGS[args.setting].dataset, args.seed)
-    report = reproduce(args.setting, out, epochs=args.epochs, defences=defences, eval_settings=s,
-                       train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, sweep=args.sweep,
-                       figures=not args.no_figures,
-                       data_dir=args.data_dir, download=args.download, device=args.device,
-                       progress=not args.no_progress)
-    print(f"results: {report}")
-    return 0
+    p.set_defaults(func=_command("reproduce"))
 
 
 def _demo_parser(sub: Any) -> None:
@@ -332,17 +223,7 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds training and evaluation")
     _add_data_options(p)
     _add_run_options(p)
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    report = run_demo(args.out, epochs=args.epochs, train_size=args.train_size, n_eval=args.n_eval,
-                      n_phi=args.n_phi, seed=args.seed, data_dir=args.data_dir, download=args.download,
-                      device=args.device, progress=not args.no_progress)
-    print(f"demo report: {report}")
-    return 0
+    p.set_defaults(func=_command("demo"))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -362,6 +243,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given_flags(parser: argparse.ArgumentParser, command: str, argv: Sequence[str]) -> set:
+    """The ``dest`` of every option spelled out in ``argv`` for ``command``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    given = set()
+    for action in sub._actions:
+        for opt in action.option_strings:
+            if any(tok == opt or tok.startswith(opt + "=") for tok in argv):
+                given.add(action.dest)
+    return given
+
+
+def _command(name: str) -> Any:
+    """The body of subcommand ``name``, imported when it runs (keeps ``--help`` free of torch)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from . import commands
+
+        return getattr(commands, f"cmd_{name}")(args)
+
+    return run
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -369,10 +272,12 @@ def _one_line(e: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``fastland`` command; returns the exit status (0 ok, 2 bad arguments or missing data)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, argparse errors
         return int(e.code or 0)
+    args.given = _given_flags(parser, args.command, argv)
     try:
         return int(args.func(args))
     except _USER_ERRORS as e:

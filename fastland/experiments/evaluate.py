@@ -1,6 +1,6 @@
 """Evaluation of a trained classifier: clean accuracy, PGD accuracy and flatness Φ.
 
-Defaults are the paper's (DESIGN §1): PGD on Fashion-MNIST with 10 steps,
+Defaults are the paper's (docs/design.md §1): PGD on Fashion-MNIST with 10 steps,
 ε = 25/255, α = 6.25/255; on CIFAR-10 5 steps, ε = 8/255, α = 2/255. Φ (Eq. 8)
 is the mean over test samples of φ(x) (Eq. 7), computed by
 :func:`fastland.flatness` on a fixed random subset of the test set.

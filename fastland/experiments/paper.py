@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Sequence, Tuple
 
-from ..defences import DEFENCES
+from ..choices import DEFENCES
 
 __all__ = ["PaperSettings", "paper_settings", "BASE_LR", "PaperRow", "Setting", "CONFIGS", "SWEEP_FACTORS"]
 

@@ -16,22 +16,24 @@ all epochs are done, ``model.pt`` (config + final weights).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .._io import atomic_torch_save, atomic_write_text
-from ..defences import DEFENCES, Defence, train_step
+from ..defences import train_step
 from ._state import (Dist, all_reduce_sum, barrier, gather_states, global_rng_state, init_distributed,
                      resolve_device, seed_everything, set_global_rng_state)
-from .paper import BASE_LR, paper_settings
+from .config import TrainConfig, build_model, load_data
+from .run_folder import (CHECKPOINT, CONFIG, FINAL, METRICS, RunFileError, check_folder, is_complete,
+                         load_run_file, locked, saved_config)
 
 __all__ = [
     "TrainConfig",
@@ -44,98 +46,7 @@ __all__ = [
     "is_complete",
 ]
 
-CHECKPOINT = "checkpoint.pt"
-FINAL = "model.pt"
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
 _FORMAT = 1
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved as ``config.json``).
-
-    ``None`` fields take the paper's defaults for the data set and defence:
-    ``lr`` per model (0.01 LeNet/DDNet, 0.1 ResNet-18), ``lam`` per defence
-    (Tables 1/2), ``at_eps`` per data set and ``at_alpha = 2.5·at_eps/at_steps``.
-    ``train_size`` keeps that many training examples (a fixed random subset;
-    for ``synthetic`` it is the data set size, default 512).
-    """
-
-    model: str = "lenet"
-    dataset: str = "fmnist"
-    defence: str = "none"
-    epochs: int = 200
-    batch_size: int = 128
-    lr: Optional[float] = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lam: Optional[float] = None
-    estimator: str = "projection"
-    n_proj: int = 1
-    at_eps: Optional[float] = None
-    at_alpha: Optional[float] = None
-    at_steps: int = 10
-    seed: int = 0
-    train_size: Optional[int] = None
-    synthetic_shape: Tuple[int, ...] = (1, 28, 28)
-    synthetic_classes: int = 10
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with every ``None`` default filled in and the fields validated."""
-        c = dataclasses.replace(self, synthetic_shape=tuple(self.synthetic_shape))
-        _validate(c)
-        ps = paper_settings(c.dataset)
-        if c.lr is None:
-            c.lr = BASE_LR.get(c.model, 0.01)
-        if c.lam is None:
-            c.lam = {"jacobian": ps.lam_jacobian, "amsreg": ps.lam_amsreg}.get(c.defence, 0.0)
-        if c.at_eps is None:
-            c.at_eps = ps.at_eps if c.defence == "at" else 0.0
-        if c.at_alpha is None:
-            c.at_alpha = 2.5 * c.at_eps / c.at_steps
-        return c
-
-    def defence_spec(self) -> Defence:
-        """The library's :class:`fastland.Defence` for this (resolved) config."""
-        return Defence(self.defence, lam=float(self.lam or 0.0), estimator=self.estimator, n_proj=self.n_proj,
-                       eps=float(self.at_eps or 0.0), alpha=self.at_alpha, steps=self.at_steps)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["synthetic_shape"] = list(self.synthetic_shape)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown fields {unknown}; expected a subset of {sorted(known)}")
-        d = dict(d)
-        if "synthetic_shape" in d:
-            d["synthetic_shape"] = tuple(d["synthetic_shape"])
-        return cls(**d)
-
-
-def _validate(c: TrainConfig) -> None:
-    def need(cond: bool, name: str, expected: str, got: Any) -> None:
-        if not cond:
-            raise ValueError(f"{name}: expected {expected}, got {got!r}")
-
-    need(c.defence in DEFENCES, "defence", f"one of {DEFENCES}", c.defence)
-    need(isinstance(c.epochs, int) and c.epochs >= 1, "epochs", "an integer >= 1", c.epochs)
-    need(isinstance(c.batch_size, int) and c.batch_size >= 1, "batch_size", "an integer >= 1", c.batch_size)
-    need(c.lr is None or c.lr > 0, "lr", "a positive number", c.lr)
-    need(0 <= c.momentum < 1, "momentum", "a number in [0, 1)", c.momentum)
-    need(c.weight_decay >= 0, "weight_decay", "a number >= 0", c.weight_decay)
-    need(c.train_size is None or (isinstance(c.train_size, int) and c.train_size >= 1),
-         "train_size", "an integer >= 1 or None", c.train_size)
-    Defence(c.defence, lam=c.lam or 0.0, estimator=c.estimator, n_proj=c.n_proj, eps=c.at_eps or 0.0,
-            alpha=c.at_alpha, steps=c.at_steps)  # validates the defence's own fields
 
 
 @dataclass
@@ -197,19 +108,6 @@ def _load_scheduler_state(sched: Any, s: Dict[str, Any]) -> None:
     sched.load_state_dict(s)
 
 
-def _check_same_config(saved: Dict[str, Any], now: Dict[str, Any], out_dir: Path) -> None:
-    """A resumed run must use the settings its checkpoint was written with."""
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-        what = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
-        raise ValueError(f"config: the checkpoint in {out_dir} was written with other settings ({what}); "
-                         "resume with the same settings or choose another folder")
-
-
-def _load_checkpoint(path: Path) -> Dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _write_metrics(out_dir: Path, metrics: List[Dict[str, Any]]) -> None:
     atomic_write_text(out_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
 
@@ -236,8 +134,13 @@ def fit(
     stop_after: Optional[int] = None,
     device: str | torch.device = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``model`` with ``config``, checkpointing to ``out_dir`` every epoch.
+
+    The folder belongs to this run: it is locked while the run writes it (a second
+    writer is refused), and files written with other settings are refused unless
+    ``overwrite`` removes them first.
 
     Args:
         model: freshly initialised (seed the global RNG before building it for
@@ -254,14 +157,32 @@ def fit(
             interruption on purpose; a later ``resume=True`` call finishes.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ... Under
             ``torchrun`` each rank uses ``cuda:LOCAL_RANK`` (or the CPU, gloo).
-        progress: tqdm bars (rank 0 only).
+        progress: progress bars (rank 0 only).
+        overwrite: replace a run of other settings in ``out_dir``.
     Returns:
         :class:`TrainResult`; the model is returned unwrapped, in eval mode.
     """
     c = config.resolved()
     out_dir = Path(out_dir)
-    x_all, y_all = _check_train_data(train_data)
+    _check_train_data(train_data)
     dist_info = init_distributed(resolve_device(device))
+    if not dist_info.main:
+        return _fit(model, train_data, c, out_dir, test_data, resume, stop_after, device, progress, dist_info)
+    with locked(out_dir):
+        check_folder(out_dir, c.to_dict(), overwrite=overwrite)
+        if (out_dir / FINAL).exists() and not (out_dir / CHECKPOINT).exists() and not resume:
+            raise FileExistsError(f"out: {out_dir} already holds a finished run; pass --resume (resume=True) "
+                                  "to load it, --overwrite to train it again, or choose another folder")
+        if resume and not (out_dir / CHECKPOINT).exists():
+            print(f"fastland: no checkpoint in {out_dir}; starting a fresh run", file=sys.stderr, flush=True)
+        return _fit(model, train_data, c, out_dir, test_data, resume, stop_after, device, progress, dist_info)
+
+
+def _fit(model: nn.Module, train_data: Tuple[Tensor, Tensor], c: TrainConfig, out_dir: Path,
+         test_data: Optional[Tuple[Tensor, Tensor]], resume: bool, stop_after: Optional[int],
+         device: str | torch.device, progress: bool, dist_info: Dist) -> TrainResult:
+    """The body of :func:`fit` (rank 0 holds the folder's lock)."""
+    x_all, y_all = _check_train_data(train_data)
     dev = resolve_device(device, dist_info)
     model = model.to(dev)
     opt, sched = _make_optimizer(model, c)
@@ -277,8 +198,7 @@ def fit(
                 f"out_dir: {out_dir} already holds a checkpoint; pass resume=True (--resume) "
                 "to continue it, or choose another folder"
             )
-        ck = _load_checkpoint(ckpt_path)
-        _check_same_config(ck["config"], c.to_dict(), out_dir)
+        ck = load_run_file(ckpt_path, need=("config", "model", "optimizer", "scheduler", "epoch", "metrics", "rng"))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         _load_scheduler_state(sched, ck["scheduler"])
@@ -329,7 +249,7 @@ def fit(
         barrier(dist_info)
 
     done = len(metrics)
-    if done >= c.epochs and dist_info.main and not (out_dir / FINAL).exists():
+    if done >= c.epochs and dist_info.main and (start < c.epochs or not (out_dir / FINAL).exists()):
         atomic_torch_save({"format": _FORMAT, "config": c.to_dict(), "model": model.state_dict(),
                            "epochs": done, "metrics": metrics}, out_dir / FINAL)
     barrier(dist_info)
@@ -397,45 +317,6 @@ def _train_epoch(
             "train_acc": correct / count}
 
 
-# --------------------------------------------------------------------------- from names
-
-
-def build_model(c: TrainConfig) -> nn.Module:
-    """``fastland.models.create`` for the config's model and data set."""
-    from .. import models
-
-    if c.dataset == "synthetic":
-        from ..data import synthetic_info
-
-        return models.create(c.model, synthetic_info(c.synthetic_shape, c.synthetic_classes))
-    return models.create(c.model, c.dataset)
-
-
-def load_data(
-    c: TrainConfig, split: str, *, data_dir: Optional[str] = None, download: bool = False
-) -> Tuple[Tensor, Tensor]:
-    """``(x, y)`` for the config's data set and ``split`` (``"train"``: limited to
-    ``train_size`` examples, a fixed random subset)."""
-    from .. import data
-
-    if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    if c.dataset == "synthetic":  # one draw (shared class prototypes), split into train and test
-        n_train = c.train_size or 512
-        n_test = max(64, n_train // 4)
-        ds = data.synthetic_dataset(n_train + n_test, shape=tuple(c.synthetic_shape),
-                                    n_classes=c.synthetic_classes, seed=c.seed)
-        x, y = ds.tensors
-        sl = slice(0, n_train) if split == "train" else slice(n_train, None)
-        return x[sl], y[sl]
-    ds = data.load_dataset(c.dataset, split, data_dir=data_dir, download=download)
-    x, y = ds.tensors
-    if split == "train" and c.train_size is not None and c.train_size < x.shape[0]:
-        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(c.seed))[: c.train_size]
-        x, y = x[keep], y[keep]
-    return x, y
-
-
 def train(
     config: TrainConfig,
     out_dir: os.PathLike | str,
@@ -447,6 +328,7 @@ def train(
     device: str | torch.device = "auto",
     progress: bool = True,
     eval_test: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Seed, build the model and the data from ``config``'s names, and :func:`fit`.
 
@@ -456,7 +338,7 @@ def train(
     c = config.resolved()
     out_dir = Path(out_dir)
     if resume and is_complete(out_dir):
-        final = torch.load(out_dir / FINAL, map_location="cpu", weights_only=True)
+        final = load_run_file(out_dir / FINAL)
         if final["config"] == c.to_dict():
             model = build_model(c)
             model.load_state_dict(final["model"])
@@ -466,12 +348,7 @@ def train(
     train_xy = load_data(c, "train", data_dir=data_dir, download=download)
     test_xy = load_data(c, "test", data_dir=data_dir, download=download) if eval_test else None
     return fit(model, train_xy, c, out_dir, test_data=test_xy, resume=resume, stop_after=stop_after,
-               device=device, progress=progress)
-
-
-def is_complete(run_dir: os.PathLike | str) -> bool:
-    """True when ``run_dir`` holds a finished run (``model.pt``)."""
-    return (Path(run_dir) / FINAL).exists()
+               device=device, progress=progress, overwrite=overwrite)
 
 
 def load_trained(run_dir: os.PathLike | str, device: str | torch.device = "cpu") -> Tuple[nn.Module, TrainConfig]:
@@ -481,7 +358,11 @@ def load_trained(run_dir: os.PathLike | str, device: str | torch.device = "cpu")
     path = run_dir / FINAL if (run_dir / FINAL).exists() else run_dir / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"run_dir: no {FINAL} or {CHECKPOINT} in {run_dir}; train a model there first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_run_file(path)
+    saved = saved_config(run_dir)
+    if saved is not None and saved != state["config"]:
+        raise RunFileError(f"{path}: written with other settings than {run_dir / CONFIG}; the folder mixes two "
+                           "runs, retrain it with --overwrite")
     c = TrainConfig.from_dict(state["config"])
     model = build_model(c)
     model.load_state_dict(state["model"])
