@@ -1,44 +1,33 @@
 """A fast, exact input gradient for CPU convolutions with few input channels.
 
-oneDNN computes the input gradient of a convolution with one input channel
-very slowly on CPU (LeNet-5's first layer at batch 128, one thread: 13 ms for
-``∂L/∂x`` against 1.5 ms for the forward). The same gradient computed by
-PyTorch's own (non-oneDNN) kernels costs 1.5–3 ms. Adversarial attacks,
-flatness and the gradient penalties all take input gradients, so this one
-kernel dominated them (58% of a PGD-10 profile). Switching oneDNN off for the
-whole model is no cure: its forward and weight-gradient kernels are the fast
-ones for the other layers (a plain training step becomes 1.9× slower).
+oneDNN computes the input gradient of a one-channel convolution very slowly on
+CPU (LeNet-5's first layer, batch 128, one thread: 13 ms against 1.5 ms for the
+forward), and attacks, flatness and the gradient penalties all need it (58% of
+a PGD-10 profile). Switching oneDNN off for the whole model is no cure: its
+forward and weight-gradient kernels are the fast ones for the other layers.
 
-This module swaps the route per layer: a convolution keeps oneDNN's forward
-and weight gradient, and its input gradient ``Aᵀ g`` (``A`` the convolution as
-a linear map of its input, ``g`` ``[B, O, *H']`` the output gradient) runs
+So the route is swapped per layer: the forward and the weight gradient stay
+oneDNN's; the input gradient ``Aᵀ g`` (``A`` the convolution as a linear map of
+its input, ``g`` ``[B, O, *H']`` the output gradient) runs with oneDNN off for
+that one call, either as ``"flip"``, a stride-1 convolution of ``g`` with the
+flipped, transposed kernel and padding ``d·(k−1) − p`` (few output channels),
+or as ``"native"``, PyTorch's own ``convolution_backward`` (any stride,
+dilation, groups). Both are exact. Three ``autograd.Function`` s close over
+each other (the backward of each is built from the three), so the backward is
+differentiable to any order: double-backward penalties work through it.
 
-* ``"flip"``: as a stride-1 convolution of ``g`` with the flipped, transposed
-  kernel ``w.transpose(0, 1).flip(spatial)`` and padding ``d·(k−1) − p``,
-  oneDNN off for that call (few output channels: LeNet's 6); or
-* ``"native"``: as ``aten.convolution_backward`` with oneDNN off for that call
-  (PyTorch's im2col/col2im kernels; any stride, dilation and groups).
-
-Both are exact (the same sums in another order). The backward is itself
-differentiable, to any order, through three ``autograd.Function`` s that
-close over each other: ``conv``'s backward is built from ``input_grad`` and
-``weight_grad``, and theirs from the three again — so the gradient penalties
-(double backward) and ``torch.func.vmap`` (``is_grads_batched``) work through it.
-
-The path is taken at call time only where it was measured to pay (see
-:data:`MAX_IN_CHANNELS`): CPU, float32/float64, grad mode on, the input
-requiring grad, ``in_channels <= max_in_channels``, a batched input, no
-autocast, not under ``torch.compile``. Everywhere else the layer runs the
-ordinary convolution.
+The path is taken per call only where it was measured to pay: CPU,
+float32/float64, grad mode on, an input requiring grad, ``in_channels <=
+max_in_channels`` (:data:`MAX_IN_CHANNELS`), a batched input, no autocast, not
+under ``torch.compile``; elsewhere the layer runs the ordinary convolution.
 
 Example::
 
-    model = fastland.fast_conv.apply(model)       # in place, per instance; idempotent
-    ...                                            # train, attack, measure as usual
-    fastland.fast_conv.remove(model)               # back to the plain layers
+    model = fastland.fast_conv.apply(model)   # in place, per instance; idempotent
+    fastland.fast_conv.remove(model)           # back to the plain layers
 
-Shapes: ``B`` batch, ``C`` input channels, ``O`` output channels, ``*H`` the
-input's spatial size (1, 2 or 3 dims), ``*H'`` the output's, ``*k`` the kernel's.
+Shapes: ``B`` batch, ``C`` input and ``O`` output channels, ``*H`` / ``*H'`` the
+input's / output's spatial size (1, 2 or 3 dims), ``*k`` the kernel's.
 """
 from __future__ import annotations
 
@@ -51,19 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "MAX_IN_CHANNELS",
-    "FLIP_MAX_OUT_CHANNELS",
-    "ConvSpec",
-    "make_spec",
-    "conv_fn",
-    "conv",
-    "input_grad",
-    "weight_grad",
-    "conv_input_grad",
-    "route",
-    "apply",
-    "remove",
-    "is_applied",
+    "MAX_IN_CHANNELS", "FLIP_MAX_OUT_CHANNELS", "ConvSpec", "make_spec", "route", "conv_fn",
+    "input_grad", "weight_grad", "conv", "conv_input_grad", "apply", "remove", "is_applied",
 ]
 
 # Measured at one thread on LeNet-5, DDNet and ResNet-18 layer shapes (benchmarks/notes/conv.md):
@@ -79,12 +57,8 @@ _DTYPES = (torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """A convolution's geometry, one int per spatial dim (explicit zero padding).
-
-    Attributes:
-        stride, padding, dilation: tuples of ``n`` ints (``n`` = 1, 2 or 3).
-        groups: the number of groups.
-    """
+    """A convolution's geometry: ``stride``, ``padding`` (explicit, zero), ``dilation`` as
+    ``n`` ints each (``n`` = 1, 2 or 3 spatial dims), and ``groups``."""
 
     stride: Tuple[int, ...]
     padding: Tuple[int, ...]
@@ -112,9 +86,11 @@ def make_spec(n: int, stride: Union[int, Sequence[int]] = 1, padding: Union[int,
     """A validated :class:`ConvSpec` for ``n`` spatial dims (``padding`` explicit ints)."""
     spec = ConvSpec(_tuple("stride", stride, n), _tuple("padding", padding, n),
                     _tuple("dilation", dilation, n), groups)
-    if min(spec.stride) < 1 or min(spec.dilation) < 1 or min(spec.padding) < 0:
-        raise ValueError(f"stride, dilation >= 1 and padding >= 0 expected, got {spec}")
-    if not isinstance(groups, int) or groups < 1:
+    for name, values, low in (("stride", spec.stride, 1), ("padding", spec.padding, 0),
+                              ("dilation", spec.dilation, 1)):
+        if min(values) < low:
+            raise ValueError(f"{name}: expected ints >= {low}, got {values}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups: expected a positive int, got {groups!r}")
     return spec
 
@@ -158,12 +134,8 @@ def _input_grad_kernel(g: Tensor, w: Tensor, input_shape: Sequence[int], spec: C
         with _onednn_off():
             return torch.ops.aten.convolution(g, wt, None, [1] * n, pad, list(spec.dilation),
                                               False, [0] * n, 1)
-    x_like = g.new_empty(1).expand(tuple(input_shape))
-    mask = [True, False, False]
-    args = (g, x_like, w, None, list(spec.stride), list(spec.padding), list(spec.dilation),
-            False, [0] * spec.ndim, spec.groups, mask)
     with _onednn_off():
-        return torch.ops.aten.convolution_backward(*args)[0]
+        return _input_grad_d(g, w, input_shape, spec, native=True)
 
 
 def _weight_grad_kernel(x: Tensor, g: Tensor, weight_shape: Sequence[int], spec: ConvSpec) -> Tensor:
@@ -208,15 +180,23 @@ def _batched(*ts: Tensor) -> bool:
         return False
 
 
-def _native_grads(g: Tensor, x_shape: Sequence[int], w: Tensor, x: Optional[Tensor], spec: ConvSpec,
-                  mask: List[bool], bias: bool = False) -> Tuple[Optional[Tensor], ...]:
-    """``aten.convolution_backward`` (differentiable by autograd itself): ``(dx, dw, db)``."""
-    if x is None:
-        x = g.new_empty(1).expand(tuple(x_shape))
-    out = torch.ops.aten.convolution_backward(
-        g, x, w, [w.shape[0]] if bias else None, list(spec.stride), list(spec.padding),
-        list(spec.dilation), False, [0] * spec.ndim, spec.groups, mask)
-    return tuple(o if m else None for o, m in zip(out, mask))
+def _conv_d(x: Tensor, w: Tensor, spec: ConvSpec, native: bool) -> Tensor:
+    """Differentiable ``conv(x, w)`` (no bias): by aten itself when ``native``, else :func:`conv_fn`."""
+    return _conv_kernel(x, w, None, spec) if native else conv_fn(x, w, None, spec)
+
+
+def _input_grad_d(g: Tensor, w: Tensor, shape: Sequence[int], spec: ConvSpec, native: bool) -> Tensor:
+    """Differentiable ``Aᵀ g``: by ``aten.convolution_backward`` when ``native``, else :func:`input_grad`."""
+    if not native:
+        return input_grad(g, w, shape, spec)
+    return torch.ops.aten.convolution_backward(
+        g, g.new_empty(1).expand(tuple(shape)), w, None, list(spec.stride), list(spec.padding),
+        list(spec.dilation), False, [0] * spec.ndim, spec.groups, [True, False, False])[0]
+
+
+def _weight_grad_d(x: Tensor, g: Tensor, shape: Sequence[int], spec: ConvSpec, native: bool) -> Tensor:
+    """Differentiable weight gradient: by aten when ``native``, else :func:`weight_grad`."""
+    return _weight_grad_kernel(x, g, shape, spec) if native else weight_grad(x, g, shape, spec)
 
 
 class _Conv(torch.autograd.Function):
@@ -237,14 +217,10 @@ class _Conv(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, w = ctx.saved_tensors
-        if _batched(g, x):
-            mask = [_engine_needs(ctx, 0), _engine_needs(ctx, 1), ctx.has_bias and _engine_needs(ctx, 2)]
-            return (*_native_grads(g, x.shape, w, x, ctx.spec, mask, ctx.has_bias), None)
-        gx = input_grad(g, w, x.shape, ctx.spec) if _engine_needs(ctx, 0) else None
-        gw = weight_grad(x, g, w.shape, ctx.spec) if _engine_needs(ctx, 1) else None
-        gb = None
-        if ctx.has_bias and _engine_needs(ctx, 2):
-            gb = g.sum(dim=[0, *range(2, g.dim())])
+        native = _batched(g, x)
+        gx = _input_grad_d(g, w, x.shape, ctx.spec, native) if _engine_needs(ctx, 0) else None
+        gw = _weight_grad_d(x, g, w.shape, ctx.spec, native) if _engine_needs(ctx, 1) else None
+        gb = g.sum(dim=[0, *range(2, g.dim())]) if ctx.has_bias and _engine_needs(ctx, 2) else None
         return gx, gw, gb, None
 
 
@@ -267,12 +243,8 @@ class _InputGrad(torch.autograd.Function):
     def backward(ctx: Any, c: Tensor) -> Tuple[Optional[Tensor], ...]:
         g, w = ctx.saved_tensors
         native = _batched(c, g)
-        dg = dw = None
-        if _engine_needs(ctx, 0):
-            dg = _conv_kernel(c, w, None, ctx.spec) if native else conv_fn(c, w, None, ctx.spec)
-        if _engine_needs(ctx, 1):
-            dw = (_native_grads(g, (), w, c, ctx.spec, [False, True, False])[1] if native
-                  else weight_grad(c, g, w.shape, ctx.spec))
+        dg = _conv_d(c, w, ctx.spec, native) if _engine_needs(ctx, 0) else None
+        dw = _weight_grad_d(c, g, w.shape, ctx.spec, native) if _engine_needs(ctx, 1) else None
         return dg, dw, None, None
 
 
@@ -295,12 +267,8 @@ class _WeightGrad(torch.autograd.Function):
     def backward(ctx: Any, c: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, g = ctx.saved_tensors
         native = _batched(c, x, g)
-        dx = dg = None
-        if _engine_needs(ctx, 0):
-            dx = (_native_grads(g, x.shape, c, None, ctx.spec, [True, False, False])[0] if native
-                  else input_grad(g, c, x.shape, ctx.spec))
-        if _engine_needs(ctx, 1):
-            dg = _conv_kernel(x, c, None, ctx.spec) if native else conv_fn(x, c, None, ctx.spec)
+        dx = _input_grad_d(g, c, x.shape, ctx.spec, native) if _engine_needs(ctx, 0) else None
+        dg = _conv_d(x, c, ctx.spec, native) if _engine_needs(ctx, 1) else None
         return dx, dg, None, None
 
 
@@ -327,28 +295,18 @@ Ints = Union[int, Sequence[int]]
 
 
 def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled()
-    except TypeError:  # pragma: no cover - torch < 2.4 spells it differently
-        return torch.is_autocast_cpu_enabled() or torch.is_autocast_enabled()
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled()
 
 
 def _takes_path(x: Tensor, weight: Tensor, bias: Optional[Tensor], max_in_channels: int) -> bool:
     """Whether a call on these operands goes through the fast path (decided per call)."""
-    return (
-        torch.is_grad_enabled()
-        and x.requires_grad
-        and x.device.type == "cpu"
-        and x.layout == torch.strided
-        and x.dtype in _DTYPES
-        and weight.dtype == x.dtype
-        and weight.device == x.device
-        and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
-        and x.dim() == weight.dim()  # batched input (an unbatched one takes the plain conv)
-        and x.shape[1] <= max_in_channels
-        and not _autocast_on()
-        and not torch.compiler.is_compiling()
-    )
+    same = weight.dtype == x.dtype and weight.device == x.device and (
+        bias is None or (bias.dtype == x.dtype and bias.device == x.device))
+    return (torch.is_grad_enabled() and x.requires_grad and x.device.type == "cpu"
+            and x.layout == torch.strided and x.dtype in _DTYPES and same
+            and x.dim() == weight.dim()  # batched (an unbatched input takes the plain conv)
+            and x.shape[1] <= max_in_channels and not _autocast_on()
+            and not torch.compiler.is_compiling())
 
 
 def _same_padding(weight: Tensor, dilation: Tuple[int, ...]) -> Tuple[Tuple[int, ...], List[int]]:
@@ -362,17 +320,9 @@ def _same_padding(weight: Tensor, dilation: Tuple[int, ...]) -> Tuple[Tuple[int,
     return left, extra
 
 
-def conv(
-    input: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: Ints = 1,
-    padding: Union[str, Ints] = 0,
-    dilation: Ints = 1,
-    groups: int = 1,
-    *,
-    max_in_channels: int = MAX_IN_CHANNELS,
-) -> Tensor:
+def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Ints = 1,
+         padding: Union[str, Ints] = 0, dilation: Ints = 1, groups: int = 1, *,
+         max_in_channels: int = MAX_IN_CHANNELS) -> Tensor:
     """``F.conv{1,2,3}d`` with the fast input gradient where it pays (decided per call).
 
     Args:
@@ -401,17 +351,9 @@ def conv(
     return conv_fn(input, weight, bias, make_spec(n, stride, padding, dil, groups))
 
 
-def conv_input_grad(
-    input_shape: Sequence[int],
-    weight: Tensor,
-    grad_output: Tensor,
-    stride: Ints = 1,
-    padding: Ints = 0,
-    dilation: Ints = 1,
-    groups: int = 1,
-    *,
-    max_in_channels: int = MAX_IN_CHANNELS,
-) -> Tensor:
+def conv_input_grad(input_shape: Sequence[int], weight: Tensor, grad_output: Tensor, stride: Ints = 1,
+                    padding: Ints = 0, dilation: Ints = 1, groups: int = 1, *,
+                    max_in_channels: int = MAX_IN_CHANNELS) -> Tensor:
     """``torch.nn.grad.conv{n}d_input`` (same arguments) by the fast route where it pays.
 
     Args:
