@@ -26,8 +26,8 @@ GC_CASES = [(8, 441, 784), (8, 441, 3072)]  # (N, G, D)
 GRL_CASES = [(64, 441, 10)]  # (N, G, C)
 
 
-# One thread for every row (reference and C++ alike): this 2-core machine is shared
-# by several processes, and with 2 OpenMP threads the means measure the scheduler
+# One thread for every row (reference and C++ alike): on a CPU with few cores shared
+# by several processes, 2 OpenMP threads make the means measure the scheduler
 # (a descheduled thread stalls the other at the barrier), not the kernels.
 THREADS = int(os.environ.get("FASTLAND_BENCH_THREADS", "1"))
 
