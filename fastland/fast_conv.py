@@ -45,10 +45,10 @@ __all__ = [
 ]
 
 # Measured at one thread on LeNet-5, DDNet and ResNet-18 layer shapes (benchmarks/notes/conv.md):
-# the path wins up to 4 input channels (1.6x at C=4 for 32 or 64 output channels) and is within
-# noise at 8. Above, oneDNN's own input gradient is as fast or faster.
+# the path wins up to 4 input channels (1.3-1.6x at C=4 for 32 output channels) and loses or
+# ties at 8 (0.85x for 32, 1.04x for 64 output channels): above, oneDNN's input gradient is as fast.
 MAX_IN_CHANNELS = 4
-# "flip" beats "native" for few output channels (LeNet's 6: 1.6 vs 3.1 ms), loses for 32 and more.
+# 2-D "flip" beats "native" for few output channels (LeNet's 6: 1.6 vs 3.1 ms), loses for 32 and more.
 FLIP_MAX_OUT_CHANNELS = 16
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -112,12 +112,13 @@ def _onednn_off() -> Iterator[None]:
 def route(weight: Tensor, spec: ConvSpec) -> str:
     """The input-gradient route for ``weight`` ``[O, C/groups, *k]`` and ``spec``: ``"flip"`` or ``"native"``.
 
-    ``"flip"`` needs stride 1, one group and ``p <= d·(k−1)``, and is chosen for at most
+    ``"flip"`` needs a 2-D conv, stride 1, one group and ``p <= d·(k−1)``, and is chosen for at most
     :data:`FLIP_MAX_OUT_CHANNELS` output channels; ``"native"`` handles the rest.
     """
     k = weight.shape[2:]
     flip_ok = (
-        spec.groups == 1
+        spec.ndim == 2  # 1-D and 3-D flipped convolutions without oneDNN were measured slower
+        and spec.groups == 1
         and all(s == 1 for s in spec.stride)
         and all(d * (kk - 1) >= p for d, kk, p in zip(spec.dilation, k, spec.padding))
         and weight.shape[0] <= FLIP_MAX_OUT_CHANNELS
