@@ -107,8 +107,10 @@ def test_train_then_resume_evaluate_flatness_landscape(tmp_path, capsys):
     assert done["epochs_done"] == 2 and done["complete"]
 
     assert main(["evaluate", str(run), "--n-phi", "3", "--phi-points", "3", "--n-pgd", "16", "--steps", "2",
-                 "--no-progress"]) == 0
+                 "--n-strong", "8", "--strong-steps", "2", "--n-queries", "10", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["complete"] and res["n_strong"] == 8 and res["worst_case_acc"] <= 100
+    assert isinstance(res["masking_flags"], list) and set(res["broken_by"]) >= {"apgd-ce", "apgd-t", "square"}
     saved = json.loads((run / "eval.json").read_text())
     assert res == saved and res["defence"] == "amsreg" and res["n_pgd"] == 16 and res["n_phi"] == 3
     assert res["settings"]["eps"] == pytest.approx(25 / 255) and res["settings"]["steps"] == 2

@@ -70,7 +70,7 @@ def test_pgd_accuracy_matches_a_direct_attack_and_does_not_exceed_clean():
 
 def test_flatness_of_is_fastland_flatness_with_the_same_seed():
     m, x, _ = _trained_model()
-    s = EvalSettings(eps=0.1, alpha=0.02, steps=1, phi_dirs=2, phi_span=0.05, phi_points=3, seed=6)
+    s = EvalSettings(eps=0.1, alpha=0.02, steps=1, phi_dirs=2, phi_span=0.05, phi_points=3, seed=6, attack="pgd")
     got = flatness_of(m, x[:5], s)
     f = flatness(m, x[:5], n_dirs=2, span=0.05, points=3, reduction="sum",
                  generator=torch.Generator().manual_seed(7))
@@ -81,7 +81,7 @@ def test_flatness_of_is_fastland_flatness_with_the_same_seed():
 
 def test_evaluate_reports_percentages_on_fixed_subsets():
     m, x, y = _trained_model()
-    s = EvalSettings(eps=0.3, alpha=0.1, steps=3, n_clean=20, n_pgd=10, n_phi=3, phi_points=3, seed=2)
+    s = EvalSettings(eps=0.3, alpha=0.1, steps=3, n_clean=20, n_pgd=10, n_phi=3, phi_points=3, seed=2, attack="pgd")
     a = evaluate(m, x, y, s, progress=False)
     b = evaluate(m, x, y, s, progress=False)
     assert a == b  # deterministic given the seed
@@ -89,7 +89,7 @@ def test_evaluate_reports_percentages_on_fixed_subsets():
     assert 0 <= a["pgd_acc"] <= 100 and 0 <= a["clean_acc"] <= 100
     assert a["clean_acc"] * 20 / 100 == pytest.approx(round(a["clean_acc"] * 20 / 100))  # k/20 in percent
     assert a["settings"]["eps"] == 0.3
-    full = evaluate(m, x, y, EvalSettings(eps=0.3, alpha=0.1, steps=3, n_phi=3, phi_points=3), progress=False,
+    full = evaluate(m, x, y, EvalSettings(eps=0.3, alpha=0.1, steps=3, n_phi=3, phi_points=3, attack="pgd"), progress=False,
                     phi=False)
     assert "phi" not in full and full["clean_acc"] == pytest.approx(100 * accuracy(m, x, y))
 

@@ -12,7 +12,8 @@ from fastland.experiments.evaluate import EvalSettings
 from fastland.defences import DEFENCES
 from fastland.experiments.paper import paper_settings
 
-TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=32, n_phi=3, phi_points=3)
+TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=32, n_phi=3, phi_points=3, attack="strong",
+                         n_strong=16, strong_steps=3, n_queries=20)
 TINY = dict(epochs=1, train_size=64, batch_size=32, eval_settings=TINY_EVAL, progress=False, figure_points=5)
 
 
@@ -80,6 +81,11 @@ def test_reproduce_end_to_end_then_rerun_skips_finished_work(tmp_path, monkeypat
     assert resumed == first_epoch  # epoch 1 kept from the interrupted run
     text = report.read_text()
     assert "| AMSReg (λ = 0.5) |" in text and "Findings of the paper" in text
+    # the strong evaluation: a worst-case column, and per defence how much PGD-10 overstates it
+    assert "worst case % ↑" in text and text.count("PGD-10 overstates robustness by") == len(DEFENCES)
+    for r in rows:
+        ev = json.loads((out / r["run"] / "eval.json").read_text())
+        assert float(r["worst_case_acc"]) == pytest.approx(ev["worst_case_acc"], abs=0.01)
     for fig in ("fig1_landscapes", "fig3_histograms", "fig4_flatness_vs_robustness", "fig5_fgsm_landscapes"):
         assert (out / f"{fig}.png").stat().st_size > 0 and (out / f"{fig}.pdf").exists()
         assert f"({fig}.png)" in text

@@ -101,6 +101,12 @@ def _add_eval_options(p: argparse.ArgumentParser, n_phi: int = 500) -> None:
     g.add_argument("--reduction", choices=FLATNESS_REDUCTIONS, default="sum",
                    help="Φ sums the AMS score over grid points (the paper's) or averages it")
     g.add_argument("--eval-batch-size", type=_positive_int, default=500, help="batch size of the evaluation")
+    g.add_argument("--attack", choices=("pgd", "strong"), default="strong",
+                   help="pgd: the paper's PGD alone (fast); strong: also the worst case over APGD-CE, APGD-T "
+                        "and Square, with gradient-masking flags")
+    g.add_argument("--n-strong", type=_positive_int, default=1000, help="test examples for the strong evaluation")
+    g.add_argument("--strong-steps", type=_positive_int, default=100, help="APGD iterations")
+    g.add_argument("--n-queries", type=_positive_int, default=5000, help="Square's query budget")
 
 
 # --------------------------------------------------------------------------- subcommands

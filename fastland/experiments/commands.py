@@ -21,7 +21,8 @@ def _eval_settings(args: argparse.Namespace, dataset: str, seed: int = 0) -> Any
     return default_eval_settings(
         dataset, eps=args.eps, alpha=args.alpha, steps=args.steps, n_clean=args.n_clean,
         n_pgd=args.n_pgd, n_phi=args.n_phi, phi_dirs=args.phi_dirs, phi_span=args.phi_span,
-        phi_points=args.phi_points, reduction=args.reduction, batch_size=args.eval_batch_size, seed=seed)
+        phi_points=args.phi_points, reduction=args.reduction, batch_size=args.eval_batch_size, seed=seed,
+        attack=args.attack, n_strong=args.n_strong, strong_steps=args.strong_steps, n_queries=args.n_queries)
 
 
 _TRAIN_FIELDS = {"model": "model", "dataset": "dataset", "defence": "defence", "epochs": "epochs",

@@ -53,7 +53,7 @@ def run_demo(
     out = Path(out)
     base = TrainConfig(model="lenet", dataset=dataset, epochs=epochs, seed=seed, train_size=train_size)
     test = load_data(base, "test", data_dir=data_dir, download=download)  # fails early when data are missing
-    settings = default_eval_settings(dataset, n_clean=n_eval, n_pgd=n_eval, n_phi=n_phi, seed=seed)
+    settings = default_eval_settings(dataset, n_clean=n_eval, n_pgd=n_eval, n_phi=n_phi, seed=seed, attack="pgd")
     models: Dict[str, Any] = {}
     rows: List[Dict[str, Any]] = []
     for defence, label in DEMO_DEFENCES.items():

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from .._checks import check_tensor
 from .._progress import progress_bar
 
-__all__ = ["EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "subset_indices",
+EVAL_ATTACKS = ("pgd", "strong")
+
+__all__ = ["EVAL_ATTACKS", "EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "subset_indices",
            "evaluate"]
 
 
@@ -24,10 +26,13 @@ __all__ = ["EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", 
 class EvalSettings:
     """What :func:`evaluate` measures and how.
 
-    ``n_clean``/``n_pgd``/``n_phi``: how many test examples (a fixed random
-    subset, the same for the three; ``None`` = all). ``phi_*`` are passed to
+    ``n_clean``/``n_pgd``/``n_phi``/``n_strong``: how many test examples (a fixed
+    random subset, nested; ``None`` = all). ``phi_*`` are passed to
     :func:`fastland.flatness` (``None`` keeps its default). ``reduction``:
-    ``"sum"`` over grid points (the paper's Φ) or ``"mean"``.
+    ``"sum"`` over grid points (the paper's Φ) or ``"mean"``. ``attack``:
+    ``"pgd"`` (the paper's PGD alone, fast) or ``"strong"`` (also the worst case
+    over APGD-CE, APGD-T and Square with ``strong_steps`` and ``n_queries``, and
+    the gradient-masking flags; see :mod:`fastland.experiments.strong`).
     """
 
     eps: float
@@ -42,6 +47,10 @@ class EvalSettings:
     reduction: str = "sum"
     batch_size: int = 500
     seed: int = 0
+    attack: str = "strong"
+    n_strong: Optional[int] = 1000
+    strong_steps: int = 100
+    n_queries: int = 5000
 
 
 def default_eval_settings(dataset: str, **overrides: Any) -> EvalSettings:
@@ -149,11 +158,15 @@ def evaluate(
 
     The model is put in eval mode (and left so). Accuracies are in percent.
     Returns a JSON-ready dict: ``clean_acc``, ``pgd_acc``, ``phi``,
-    ``phi_stderr`` (absent with ``phi=False``), the sample counts and the settings.
+    ``phi_stderr`` (absent with ``phi=False``), with ``attack="strong"`` the
+    worst case (``worst_case_acc``, ``broken_by``, ``masking_flags``, ...), the
+    sample counts and the settings.
     """
     _check_xy(x, y)
     if settings.reduction not in ("sum", "mean"):
         raise ValueError(f"reduction: expected 'sum' or 'mean', got {settings.reduction!r}")
+    if settings.attack not in EVAL_ATTACKS:
+        raise ValueError(f"attack: expected one of {EVAL_ATTACKS}, got {settings.attack!r}")
     model.eval()
     s = settings
     out: Dict[str, Any] = {}
@@ -164,6 +177,14 @@ def evaluate(
     out["pgd_acc"] = 100 * pgd_accuracy(model, x[idx], y[idx], eps=s.eps, alpha=s.alpha, steps=s.steps,
                                         batch_size=s.batch_size, seed=s.seed, progress=progress)
     out["n_pgd"] = int(idx.numel())
+    if s.attack == "strong":
+        from .strong import strong_evaluation
+
+        idx = subset_indices(x.shape[0], s.n_strong, s.seed)
+        dev = next(model.parameters()).device
+        out.update(strong_evaluation(model, x[idx].to(dev), y[idx].to(dev), eps=s.eps, steps=s.strong_steps,
+                                     n_queries=s.n_queries, batch_size=s.batch_size, seed=s.seed,
+                                     progress=progress))
     if phi:
         idx = subset_indices(x.shape[0], s.n_phi, s.seed)
         out.update(flatness_of(model, x[idx], s, progress=progress))

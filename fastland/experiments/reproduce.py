@@ -152,6 +152,7 @@ def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[s
             "clean_acc": round(r["clean_acc"], 2), "pgd_acc": round(r["pgd_acc"], 2),
             "paper_defence": p.label if p else "", "paper_phi": p.phi if p else "",
             "paper_clean_acc": p.clean if p else "", "paper_pgd_acc": p.pgd if p else "",
+            "worst_case_acc": round(r["worst_case_acc"], 2) if "worst_case_acc" in r else "",
             "train_time_s": round(train_times[spec.name], 1), "eval_time_s": r.get("eval_time_s", ""),
         })
     buf = io.StringIO()
@@ -163,15 +164,17 @@ def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[s
     lines = [f"# fastland reproduce {setting}", "",
              f"{st.model} on {st.dataset}, {specs[0].config.epochs} epochs "
              f"(paper: 200; {st.table}). Ours first, the paper's in parentheses.", "",
-             "| Defence | Φ (flatness ↑) | Clean acc. % ↑ | PGD acc. % ↑ | train time |",
-             "|---|---:|---:|---:|---:|"]
+             "| Defence | Φ (flatness ↑) | Clean acc. % ↑ | PGD acc. % ↑ | worst case % ↑ | train time |",
+             "|---|---:|---:|---:|---:|---:|"]
     for row, spec in zip(rows, specs):
         p = st.paper.get(spec.config.defence) if spec.main else None
         paren = (lambda v: f" ({v})") if p else (lambda v: "")
+        wc = f"{row['worst_case_acc']:.2f}" if row["worst_case_acc"] != "" else "—"
         lines.append(
             f"| {row['defence']} | {row['phi']:.1f} ± {row['phi_stderr']:.1f}{paren(p.phi if p else '')} "
             f"| {row['clean_acc']:.2f}{paren(p.clean if p else '')} | {row['pgd_acc']:.2f}{paren(p.pgd if p else '')} "
-            f"| {row['train_time_s'] / 60:.1f} min |")
+            f"| {wc} | {row['train_time_s'] / 60:.1f} min |")
+    lines += _strong_lines(specs, results)
     main_results = {spec.config.defence: results[spec.name] for spec in specs if spec.main}
     lines += ["", "Findings of the paper, checked on our numbers:", ""]
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in findings(main_results)]
@@ -180,6 +183,25 @@ def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[s
         lines += ["Figures:", ""] + [f"- [{Path(f).stem}]({Path(f).name})" for f in figures] + [""]
     atomic_write_text(out / "results.md", "\n".join(lines))
     return out / "results.md"
+
+
+def _strong_lines(specs: List[RunSpec], results: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Per model: how many points PGD-10 overstates robustness, who broke what, and the masking flags."""
+    out: List[str] = []
+    for spec in specs:
+        r = results[spec.name]
+        if "worst_case_acc" not in r:
+            continue
+        if not out:
+            out = ["", "Strong evaluation (worst case over APGD-CE, APGD-T and Square, per sample):", ""]
+        over = r["pgd10_acc"] - r["worst_case_acc"]
+        broke = ", ".join(f"{k} {v:.1f}%" for k, v in r["broken_by"].items())
+        out.append(f"- **{spec.label}**: PGD-10 overstates robustness by {over:.1f} points "
+                   f"(PGD-10 {r['pgd10_acc']:.1f}%, worst case {r['worst_case_acc']:.1f}% on {r['n_strong']} images; "
+                   f"broken by: {broke}; PGD-100 {r['pgd100_acc']:.1f}%, APGD-CE at 4ε {r['large_eps_acc']:.1f}%).")
+        flags = r.get("masking_flags") or []
+        out += [f"  - ⚠ {f}" for f in flags] or ["  - no gradient-masking flag"]
+    return out
 
 
 def _eval_text(s: EvalSettings) -> str:
@@ -192,7 +214,9 @@ def _eval_text(s: EvalSettings) -> str:
     return (f"PGD-{s.steps} L∞ ε={s.eps * 255:.3g}/255 α={s.alpha * 255:.3g}/255 with random start on "
             f"{n(s.n_pgd)} test images; clean accuracy on {n(s.n_clean)}; Φ = {s.reduction} of AMS scores over a "
             f"{points}×{points} grid of half-width {span * 255:.3g}/255 along {dirs} random signed direction "
-            f"pair(s), averaged over pairs, on {n(s.n_phi)} test images.")
+            f"pair(s), averaged over pairs, on {n(s.n_phi)} test images."
+            + (f" Strong evaluation on {n(s.n_strong)} test images: APGD-CE and APGD-T ({s.strong_steps} steps), "
+               f"Square ({s.n_queries} queries), at the same ε." if s.attack == "strong" else ""))
 
 
 def default_out(setting: str, epochs: int, *, train_size: Optional[int] = None, batch_size: int = 128,
