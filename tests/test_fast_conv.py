@@ -118,6 +118,33 @@ def test_third_order_matches_autograd():
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("o,k,pad", [(6, 5, 2), (32, 3, 0)], ids=["lenet-flip", "ddnet-native"])
+def test_float32_error_within_twice_pytorchs(o, k, pad):
+    """float32 runs other kernels (NNPACK for "flip"): its error against a float64 reference
+    stays within 2x that of PyTorch's own float32 gradients, plus 1e-6."""
+    torch.manual_seed(7)
+    plain = nn.Conv2d(1, o, k, padding=pad)
+    fast = fast_conv.apply(copy.deepcopy(plain))
+    x = torch.rand(16, 1, 28, 28)
+    g = torch.randn_like(plain(x))
+    ref = _grads(copy.deepcopy(plain).double(), x.double(), g.double())[1:]
+    base = _grads(plain, x, g)[1:]
+    got = _grads(fast, x, g)[1:]
+    for r, b, a in zip(ref, base, got):
+        err_b, err_a = float((b.double() - r).abs().max()), float((a.double() - r).abs().max())
+        assert err_a <= 2 * err_b + 1e-6, (err_a, err_b)
+
+
+def test_torch_func_grad_through_the_path():
+    c = fast_conv.apply(nn.Conv2d(1, 3, 3, padding=1).to(DT))
+    x = torch.randn(2, 1, 5, 6, dtype=DT)
+    f = lambda x: c(x).tanh().sum()  # noqa: E731
+    got = torch.func.grad(f)(x)
+    xr = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(f(xr), xr)
+    torch.testing.assert_close(got, ref, **TOL)
+
+
 # --------------------------------------------------------------------------- the library on top
 
 
