@@ -17,10 +17,14 @@ def _seed():
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
-    """Each kernel backend in turn (``FASTLAND_BACKEND``), skipped where it cannot run."""
+    """Each kernel backend in turn, forced for the test (``fastland.ops.forced_backend``),
+    skipped where it cannot run."""
+    from fastland import ops
+
     skip_if_unavailable(request.param)
     monkeypatch.setenv("FASTLAND_BACKEND", request.param)
-    return request.param
+    with ops.forced_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture
