@@ -58,6 +58,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     out = args.out or f"runs/{cfg.dataset}-{cfg.model}-{cfg.defence}"
+    from .run_folder import CHECKPOINT, is_complete
+
+    if args.resume and not (Path(out) / CHECKPOINT).exists() and not is_complete(out):
+        print(f"fastland train: note: no checkpoint in {out}; starting a fresh run", file=sys.stderr, flush=True)
     try:
         r = train(cfg, out, data_dir=args.data_dir, download=args.download, resume=args.resume,
                   stop_after=args.stop_after, device=args.device, progress=not args.no_progress,

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .._io import atomic_torch_save, atomic_write_text
+from .._progress import progress_bar
 from ..defences import train_step
 from ._state import (Dist, all_reduce_sum, barrier, gather_states, global_rng_state, init_distributed,
                      resolve_device, seed_everything, set_global_rng_state)
@@ -62,16 +62,6 @@ class TrainResult:
     @property
     def complete(self) -> bool:
         return (self.out_dir / FINAL).exists()
-
-
-def _progress(iterable: Iterable, enabled: bool, **kwargs: Any) -> Iterable:
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return iterable
-    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
 
 
 def _epoch_indices(n: int, epoch: int, seed: int, d: Dist, shuffle: bool = True) -> List[int]:
@@ -173,8 +163,6 @@ def fit(
         if (out_dir / FINAL).exists() and not (out_dir / CHECKPOINT).exists() and not resume:
             raise FileExistsError(f"out: {out_dir} already holds a finished run; pass --resume (resume=True) "
                                   "to load it, --overwrite to train it again, or choose another folder")
-        if resume and not (out_dir / CHECKPOINT).exists():
-            print(f"fastland: no checkpoint in {out_dir}; starting a fresh run", file=sys.stderr, flush=True)
         return _fit(model, train_data, c, out_dir, test_data, resume, stop_after, device, progress, dist_info)
 
 
@@ -298,8 +286,8 @@ def _train_epoch(
     correct = count = 0
     params = [p for p in net.parameters() if p.requires_grad]
     defence = c.defence_spec()
-    bar = _progress(batches, show, desc=f"epoch {epoch + 1}/{c.epochs} [{c.defence}]", unit="batch")
-    for idx in bar:
+    bar = progress_bar(len(batches), f"epoch {epoch + 1}/{c.epochs} [{c.defence}]", show, unit="batch")
+    for idx in batches:
         x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)
         loss, ce, pen, logits = train_step(net, x, y, defence, opt, generator=gen, attack_model=model,
                                            params=params)
@@ -309,8 +297,9 @@ def _train_epoch(
         tot_pen += float(pen.detach()) * b
         correct += int((logits.detach().argmax(1) == y).sum())
         count += b
-        if show and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{tot_loss / count:.4f}", acc=f"{correct / count:.3f}")
+        bar.set_postfix(loss=f"{tot_loss / count:.4f}", acc=f"{correct / count:.3f}")
+        bar.update(1)
+    bar.close()
     tot_loss, tot_ce, tot_pen, correct, count = all_reduce_sum(
         [tot_loss, tot_ce, tot_pen, float(correct), float(count)], d, dev)
     return {"loss": tot_loss / count, "ce": tot_ce / count, "penalty": tot_pen / count,
