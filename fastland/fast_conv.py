@@ -20,6 +20,9 @@ The path is taken per call only where it was measured to pay: CPU,
 float32/float64, grad mode on, an input requiring grad, ``in_channels <=
 max_in_channels`` (:data:`MAX_IN_CHANNELS`), a batched input, no autocast, not
 under ``torch.compile``; elsewhere the layer runs the ordinary convolution.
+"oneDNN off" is PyTorch's process-wide flag, set and restored around that one
+call: a conv running meanwhile in another thread may skip oneDNN too (same
+values up to float rounding).
 
 Example::
 
