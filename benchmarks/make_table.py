@@ -85,7 +85,7 @@ def render(data: dict) -> str:
         f"- torch: {torch_version}",
         f"- commit: {ci.get('id', '?')[:12]}{' (dirty)' if ci.get('dirty') else ''}",
         "",
-        "Ratios are within one run (this machine is shared and noisy); `time ÷ baseline` "
+        "Ratios are within one run (the measuring machine is shared and noisy); `time ÷ baseline` "
         "below 1 means faster than the group's baseline. GPU figures in the notes are "
         "computed on paper, never measured here (no GPU).",
         "",

@@ -5,7 +5,7 @@ with inputs ``x`` in pixel space ``[0, 1]`` (so ε is in pixel units such as
 8/255) and the dataset's mean/std normalisation as the model's first layer.
 ``body`` is an ``nn.Sequential`` whose first module is an ``nn.Conv2d`` for
 all three architectures, so that the first-layer linearity trick of
-DESIGN §2 applies: for directions ``d``, ``conv(normalize(x + a·d)) =
+docs/design.md §2 applies: for directions ``d``, ``conv(normalize(x + a·d)) =
 conv(normalize(x)) + a·conv₀(d / std)`` (``conv₀`` without bias, zero padding
 in normalised space), exactly, even for padded convolutions.
 

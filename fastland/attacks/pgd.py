@@ -7,7 +7,7 @@ and the weight-gradient products of an ordinary ``backward()`` are skipped.
 The attack runs with the model in eval mode by default and restores every
 submodule's previous ``training`` flag afterwards.
 
-Paper settings (DESIGN §1): Fashion-MNIST ``pgd(model, x, y, 25/255, 6.25/255, 10)``;
+Paper settings (docs/design.md §1): Fashion-MNIST ``pgd(model, x, y, 25/255, 6.25/255, 10)``;
 CIFAR-10 ``pgd(model, x, y, 8/255, 2/255, 5)``; adversarial training PGD-10 with
 ``α = 2.5·ε/10``.
 
