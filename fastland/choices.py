@@ -7,11 +7,18 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-__all__ = ["DEFENCES", "DEFENCE_ESTIMATORS", "ESTIMATORS", "JACOBIAN_ESTIMATORS", "REDUCTIONS", "BACKENDS",
-           "MODELS", "DATASETS", "DIRECTION_KINDS", "FLATNESS_REDUCTIONS", "ATTACKS", "PERTURBATIONS"]
+__all__ = ["DEFENCES", "EXTRA_DEFENCES", "ATTACK_PENALTY_VARIANTS", "ATTACK_DIRECTIONS", "DEFENCE_ESTIMATORS",
+           "ESTIMATORS", "JACOBIAN_ESTIMATORS", "REDUCTIONS", "BACKENDS", "MODELS",
+           "DATASETS", "DIRECTION_KINDS", "FLATNESS_REDUCTIONS", "ATTACKS", "PERTURBATIONS"]
 
 # training defences (fastland.Defence)
 DEFENCES: Tuple[str, ...] = ("none", "at", "jacobian", "amsreg")
+# defences beyond the paper's four: fastland.Defence accepts them; the experiments layer does not run them yet
+EXTRA_DEFENCES: Tuple[str, ...] = ("attack_flat",)
+# variants of the attack-direction penalty (fastland.attack_flatness_loss, Defence("attack_flat", variant=...))
+ATTACK_PENALTY_VARIANTS: Tuple[str, ...] = ("difference", "directional", "fgsm_amsreg")
+# the line directions of fastland.attack_flatness (or a tensor)
+ATTACK_DIRECTIONS: Tuple[str, ...] = ("fgsm", "pgd", "random")
 # penalty estimators (fastland.amsreg_loss / jacobian_loss)
 ESTIMATORS: Tuple[str, ...] = ("projection", "exact", "gradnorm", "finite_difference")
 JACOBIAN_ESTIMATORS: Tuple[str, ...] = ESTIMATORS[:2]
