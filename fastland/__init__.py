@@ -45,6 +45,11 @@ _EXPORTS: dict[str, str] = {
     "Flatness": "measures",
     "loglik_histogram": "histograms",
     "LoglikHistogram": "histograms",
+    # flatness along attack directions, and the penalties that flatten it
+    "attack_flatness": "anisotropy",
+    "AttackFlatness": "anisotropy",
+    "attack_flatness_loss": "attack_penalties",
+    "ATTACK_PENALTY_VARIANTS": "attack_penalties",
     # defences: one training objective and one optimiser step
     "DEFENCES": "defences",
     "Defence": "defences",
@@ -53,7 +58,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 _SUBMODULES = (
-    "attacks", "data", "defences", "energy", "histograms", "landscapes", "measures", "models", "neighbourhood",
+    "attacks", "choices", "data", "defences", "energy", "fast_conv", "histograms", "landscapes", "measures", "models", "neighbourhood",
     "ops", "penalties", "reference", "testing",
 )
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fast_conv
+
 __all__ = ["FirstLayerSplit", "split_first_layer", "verify_split"]
 
 _AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -133,7 +135,9 @@ def _transpose_known(m: nn.Module) -> bool:
     return True
 
 
-_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+# the first layer's adjoint: the fast exact input gradient of fastland.fast_conv (same arguments as
+# torch.nn.grad.conv{n}d_input), which routes around the slow oneDNN kernel for few input channels
+_CONV_INPUT_GRAD = {n: fast_conv.conv_input_grad for n in (1, 2, 3)}
 
 
 def _transpose_part(m: nn.Module, g: Tensor, in_shape: Tuple[int, ...]) -> Tensor:
