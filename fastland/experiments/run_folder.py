@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 __all__ = ["CHECKPOINT", "FINAL", "METRICS", "CONFIG", "EVAL", "LOCK", "RunFileError", "RunFolderBusy",
-           "locked", "check_writable", "load_run_file", "saved_config", "check_folder", "is_complete"]
+           "locked", "check_writable", "load_run_file", "saved_config", "check_folder", "clear_run",
+           "is_complete"]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "model.pt"
@@ -123,6 +124,12 @@ def _differences(saved: Dict[str, Any], now: Dict[str, Any]) -> str:
     return ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in keys)
 
 
+def clear_run(folder: Path) -> None:
+    """Remove the run files of ``folder`` (the user asked to replace the run there)."""
+    for f in _RUN_FILES:
+        (folder / f).unlink(missing_ok=True)
+
+
 def check_folder(folder: Path, config: Dict[str, Any], *, overwrite: bool = False) -> None:
     """Refuse a folder whose files were written with settings other than ``config``.
 
@@ -135,8 +142,7 @@ def check_folder(folder: Path, config: Dict[str, Any], *, overwrite: bool = Fals
     for name, saved in sources:
         if saved is not None and saved != config:
             if overwrite:
-                for f in _RUN_FILES:
-                    (folder / f).unlink(missing_ok=True)
+                clear_run(folder)
                 return
             raise ValueError(f"out: {folder / name} was written with other settings ({_differences(saved, config)}); "
                              "resume with the saved settings (--resume alone), choose another folder, "

@@ -32,7 +32,8 @@ from ..defences import train_step
 from ._state import (Dist, all_reduce_sum, barrier, gather_states, global_rng_state, init_distributed,
                      resolve_device, seed_everything, set_global_rng_state)
 from .config import TrainConfig, build_model, load_data
-from .run_folder import (CHECKPOINT, CONFIG, FINAL, METRICS, RunFileError, check_folder, is_complete,
+from .evaluate import accuracy
+from .run_folder import (CHECKPOINT, CONFIG, FINAL, METRICS, RunFileError, check_folder, clear_run, is_complete,
                          load_run_file, locked, saved_config)
 
 __all__ = [
@@ -102,17 +103,6 @@ def _write_metrics(out_dir: Path, metrics: List[Dict[str, Any]]) -> None:
     atomic_write_text(out_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-    model.train(was)
-    return correct / max(1, x.shape[0])
-
-
 def fit(
     model: nn.Module,
     train_data: Tuple[Tensor, Tensor],
@@ -148,7 +138,8 @@ def fit(
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ... Under
             ``torchrun`` each rank uses ``cuda:LOCAL_RANK`` (or the CPU, gloo).
         progress: progress bars (rank 0 only).
-        overwrite: replace a run of other settings in ``out_dir``.
+        overwrite: replace the run in ``out_dir``: without ``resume`` every run file is removed
+            first (a fresh start); with it, only a run of other settings is.
     Returns:
         :class:`TrainResult`; the model is returned unwrapped, in eval mode.
     """
@@ -159,6 +150,8 @@ def fit(
     if not dist_info.main:
         return _fit(model, train_data, c, out_dir, test_data, resume, stop_after, device, progress, dist_info)
     with locked(out_dir):
+        if overwrite and not resume:
+            clear_run(out_dir)  # a fresh run replaces whatever the folder holds, even unreadable files
         check_folder(out_dir, c.to_dict(), overwrite=overwrite)
         if (out_dir / FINAL).exists() and not (out_dir / CHECKPOINT).exists() and not resume:
             raise FileExistsError(f"out: {out_dir} already holds a finished run; pass --resume (resume=True) "
@@ -216,7 +209,7 @@ def _fit(model: nn.Module, train_data: Tuple[Tensor, Tensor], c: TrainConfig, ou
         sched.step()
         m = {"epoch": epoch + 1, "lr": lr, **sums, "time_s": round(time.perf_counter() - t0, 3)}
         if test is not None:
-            m["test_acc"] = _accuracy(model, *test)
+            m["test_acc"] = accuracy(model, *test, batch_size=1000)
         metrics.append(m)
         if show:
             print(json.dumps(m), flush=True)
