@@ -8,7 +8,10 @@ A :class:`Defence` is a small spec: which objective and its few numbers.
   model in eval mode;
 * ``jacobian``: ``mean CE + (λ/2)·mean ‖J‖²_F``;
 * ``amsreg``: ``mean CE + (λ/2)·mean ‖diag(p) J‖²_F`` (any estimator of
-  :func:`fastland.amsreg_loss`).
+  :func:`fastland.amsreg_loss`);
+* ``attack_flat``: ``mean CE + (λ/2)·mean penalty`` with the attack-direction
+  penalty :func:`fastland.attack_flatness_loss` of ``variant`` at step ``eps``
+  (beyond the paper; listed in :data:`EXTRA_DEFENCES`).
 
 Example::
 
@@ -29,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DEFENCES", "Defence", "defence_loss", "train_step"]
+__all__ = ["DEFENCES", "EXTRA_DEFENCES", "ATTACK_PENALTY_VARIANTS", "Defence", "defence_loss", "train_step"]
 
+from .choices import ATTACK_PENALTY_VARIANTS, DEFENCES, EXTRA_DEFENCES
 from .choices import DEFENCE_ESTIMATORS as _DEFENCE_ESTIMATORS
-from .choices import DEFENCES
+
+_ALL_DEFENCES = DEFENCES + EXTRA_DEFENCES
 
 
 def _need(cond: bool, name: str, expected: str, got: Any) -> None:
@@ -45,14 +50,19 @@ class Defence:
     """One defence and its settings (validated on construction).
 
     Attributes:
-        name: one of :data:`DEFENCES`.
-        lam: λ of the objective ``CE + (λ/2)·penalty`` (``jacobian``/``amsreg``;
-            Table 2: 0.01 and 0.5 on Fashion-MNIST).
-        estimator: the penalty's estimator (see :func:`fastland.amsreg_loss`).
+        name: one of :data:`DEFENCES` or :data:`EXTRA_DEFENCES`.
+        lam: λ of the objective ``CE + (λ/2)·penalty`` (``jacobian``/``amsreg``/``attack_flat``;
+            Table 2: 0.01 and 0.5 on Fashion-MNIST; ``attack_flat``: see
+            :data:`fastland.attack_penalties.ATTACK_FLAT_LAM`).
+        estimator: the penalty's estimator (see :func:`fastland.amsreg_loss`; for
+            ``attack_flat`` used by ``variant="fgsm_amsreg"`` only).
         n_proj: random projections per sample for ``estimator="projection"``.
-        eps: the L∞ radius of adversarial training (``at``; Table 2: 10/255).
+        eps: the L∞ radius of adversarial training (``at``; Table 2: 10/255), or the
+            step of the attack-direction penalty (``attack_flat``, must be > 0; 10/255).
         alpha: PGD's step; ``None`` means ``2.5·eps/steps``.
         steps: PGD iterations of adversarial training.
+        variant: the attack-direction penalty, one of :data:`ATTACK_PENALTY_VARIANTS`
+            (``attack_flat`` only; validated and ignored by the other defences).
     """
 
     name: str = "none"
@@ -62,14 +72,18 @@ class Defence:
     eps: float = 0.0
     alpha: Optional[float] = None
     steps: int = 10
+    variant: str = "difference"
 
     def __post_init__(self) -> None:
-        _need(self.name in DEFENCES, "defence", f"one of {DEFENCES}", self.name)
+        _need(self.name in _ALL_DEFENCES, "defence", f"one of {_ALL_DEFENCES}", self.name)
         _need(isinstance(self.lam, (int, float)) and self.lam >= 0, "lam", "a number >= 0", self.lam)
         _need(isinstance(self.n_proj, int) and self.n_proj >= 1, "n_proj", "an integer >= 1", self.n_proj)
         _need(isinstance(self.eps, (int, float)) and self.eps >= 0, "eps", "a number >= 0", self.eps)
         _need(self.alpha is None or self.alpha >= 0, "alpha", "a number >= 0 or None", self.alpha)
         _need(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        _need(self.variant in ATTACK_PENALTY_VARIANTS, "variant", f"one of {ATTACK_PENALTY_VARIANTS}", self.variant)
+        if self.name == "attack_flat":
+            _need(self.eps > 0, "eps", "a number > 0 for the 'attack_flat' defence (e.g. 10/255)", self.eps)
         allowed = _DEFENCE_ESTIMATORS.get(self.name, _DEFENCE_ESTIMATORS["amsreg"])
         _need(self.estimator in allowed, "estimator", f"one of {allowed} for the {self.name!r} defence",
               self.estimator)
@@ -103,8 +117,9 @@ def defence_loss(
         defence: a :class:`Defence`.
         generator: on ``x``'s device, for the penalty's projections and PGD's
             random start (reproducible runs).
-        attack_model: the module PGD attacks (default ``model``; under DDP the
-            unwrapped module, so that the attack's passes bypass DDP).
+        attack_model: the module PGD (and the attack direction of ``attack_flat``)
+            attacks (default ``model``; under DDP the unwrapped module, so that the
+            attack's passes bypass DDP).
     Returns:
         ``(loss, ce, penalty, logits)``: the scalar objective, the scalar mean
         cross-entropy, the scalar mean penalty (0 for ``none``/``at``) and the
@@ -113,6 +128,8 @@ def defence_loss(
     if not isinstance(defence, Defence):
         raise TypeError(f"defence: expected a fastland.Defence, got {type(defence).__name__}")
     d = defence.name
+    if d == "attack_flat":
+        return _attack_flat_loss(model, x, y, defence, generator, attack_model)
     if d == "at":
         from .attacks import pgd
 
@@ -130,6 +147,23 @@ def defence_loss(
     logits = model(x)
     ce = F.cross_entropy(logits, y)
     return ce, ce, ce.new_zeros(()), logits
+
+
+def _attack_flat_loss(model: nn.Module, x: Tensor, y: Tensor, defence: Defence,
+                      generator: Optional[torch.Generator], attack_model: Optional[nn.Module]
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``CE(f(x), y) + (λ/2)·attack_flatness_loss`` (the clean forward is shared with ``"difference"``)."""
+    from .attack_penalties import attack_flatness_loss
+
+    if y is None:
+        raise ValueError("y: the 'attack_flat' defence needs labels (its direction is sign(∇x CE)); "
+                         "pass y=[B] integer labels")
+    logits = model(x)
+    ce = F.cross_entropy(logits, y)
+    penalty = attack_flatness_loss(model, x, y, eps=defence.eps, variant=defence.variant, logits=logits,
+                                   estimator=defence.estimator, n_proj=defence.n_proj, generator=generator,
+                                   attack_model=attack_model)
+    return ce + defence.lam / 2 * penalty, ce, penalty, logits
 
 
 def train_step(

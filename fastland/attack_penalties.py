@@ -1,0 +1,161 @@
+"""Penalties that flatten ``log p`` along the attack direction (the paper's open question).
+
+AMSReg and Jacobian regularisation flatten ``log p`` in random directions but
+not along the directions attacks take (the paper's Fig. 5). These penalties
+target the FGSM direction ``d = sign(∇x CE(f(x), y))`` itself, drawn with the
+model in eval mode (like PGD in adversarial training) and detached:
+
+* ``"difference"`` (default): ``(log p(x + ε·d) − log p(x))²``, the squared
+  height change of one FGSM step; one more forward pass and an ordinary
+  backward (no double backpropagation).
+* ``"directional"``: ``ε²·(dᵀ∇x log p(x))²``, the first-order version of
+  ``"difference"`` (same units, so the same λ), by double backpropagation.
+* ``"fgsm_amsreg"``: the AMSReg penalty ``‖diag(p) J‖²_F`` (any estimator of
+  :func:`fastland.amsreg_loss`) at an FGSM point with random start,
+  ``x' = Π(x₀ + 1.25·ε·sign(∇CE(x₀)))``, ``x₀ = x + U(−ε, ε)`` (Wong et al.'s
+  "fast" adversarial example; ``Π`` projects to the ε-ball and ``[0, 1]``),
+  instead of at ``x``. In AMSReg's units: its λ is AMSReg's.
+
+The points ``x + ε·d`` are not clipped to ``[0, 1]``: they lie on the line
+that :func:`fastland.attack_flatness` measures. Every penalty is differentiable
+w.r.t. the model's parameters; the objective is ``CE + (λ/2)·penalty``, as for
+AMSReg (``fastland.Defence("attack_flat", lam=..., eps=..., variant=...)``).
+
+Defaults for Fashion-MNIST (``eps = 10/255`` like adversarial training; λ from
+a small sweep on a synthetic task, see :data:`ATTACK_FLAT_LAM`).
+
+Shapes: ``x`` ``[B, *S]`` in ``[0, 1]``, ``y`` ``[B]``, logits ``[B, C]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_images, check_model
+from ._grid import check_logits
+from .choices import ATTACK_PENALTY_VARIANTS, ESTIMATORS, REDUCTIONS
+from .neighbourhood import check_labels, fgsm_direction
+
+__all__ = ["ATTACK_PENALTY_VARIANTS", "ATTACK_FLAT_EPS", "ATTACK_FLAT_LAM", "attack_flatness_loss"]
+
+#: ε of the attack-direction penalties on Fashion-MNIST (that of adversarial training).
+ATTACK_FLAT_EPS = 10 / 255
+#: Default λ per variant on Fashion-MNIST (objective ``CE + (λ/2)·penalty``).
+ATTACK_FLAT_LAM: Dict[str, float] = {"difference": 1.0, "directional": 1.0, "fgsm_amsreg": 0.5}
+
+
+def _check(model: nn.Module, x: Tensor, y: Optional[Tensor], eps: float, variant: str, reduction: str,
+           logits: Optional[Tensor]) -> None:
+    check_model(model)
+    if variant not in ATTACK_PENALTY_VARIANTS:
+        raise ValueError(f"variant: expected one of {ATTACK_PENALTY_VARIANTS}, got {variant!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps: expected a finite number > 0 (an L∞ step in pixel units, e.g. 10/255), got {eps!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    check_images("x", x)
+    if y is None:
+        raise ValueError("y: the attack direction sign(∇x CE) needs labels; pass y=[B] integer labels")
+    check_labels(x, y)
+    if logits is not None:
+        check_logits(logits, x)
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    return per_sample.sum() if reduction == "sum" else per_sample
+
+
+def _lse(model: nn.Module, x: Tensor) -> Tensor:
+    return torch.logsumexp(check_logits(model(x), x), dim=-1)
+
+
+def _difference(model: nn.Module, x: Tensor, d: Tensor, eps: float, logits: Optional[Tensor]) -> Tensor:
+    """``(log p(x + ε·d) − log p(x))²`` ``[B]``; ``log p(x)`` from ``logits`` when given."""
+    base = torch.logsumexp(logits, dim=-1) if logits is not None else _lse(model, x)
+    return (_lse(model, x + eps * d) - base).square()
+
+
+def _directional(model: nn.Module, x: Tensor, d: Tensor, eps: float) -> Tensor:
+    """``ε²·(dᵀ∇x log p(x))²`` ``[B]`` by double backpropagation."""
+    xg = x.detach().requires_grad_(True)
+    lse = _lse(model, xg)
+    (g,) = torch.autograd.grad(lse.sum(), xg, create_graph=True)
+    return (eps * (g * d).flatten(1).sum(dim=1)).square()
+
+
+def _fgsm_amsreg(model: nn.Module, attack_model: nn.Module, x: Tensor, y: Tensor, eps: float,
+                 estimator: str, n_proj: int, generator: Optional[torch.Generator]) -> Tensor:
+    """AMSReg's per-sample penalty at the random-start FGSM point ``[B]``."""
+    from .attacks import pgd
+    from .penalties import amsreg_loss
+
+    x_adv = pgd(attack_model, x, y, eps, alpha=1.25 * eps, steps=1, random_start=True, generator=generator)
+    xa = x_adv.detach().requires_grad_(True)
+    extra = {"model": model} if estimator == "finite_difference" else {}
+    return amsreg_loss(model(xa), xa, n_proj=n_proj, estimator=estimator, generator=generator,
+                       reduction="none", **extra)
+
+
+def attack_flatness_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float = ATTACK_FLAT_EPS,
+    variant: str = "difference",
+    logits: Optional[Tensor] = None,
+    estimator: str = "projection",
+    n_proj: int = 1,
+    generator: Optional[torch.Generator] = None,
+    attack_model: Optional[nn.Module] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """A penalty that flattens ``log p`` along the FGSM direction (batch mean by default).
+
+    The objective is ``cross_entropy + lam / 2 * attack_flatness_loss(model, x, y)``.
+    The direction ``d = sign(∇x CE)`` (and the FGSM point of ``"fgsm_amsreg"``) is
+    drawn with ``attack_model`` in eval mode and detached; the penalty's own forward
+    passes run ``model`` in its current mode (BatchNorm in train mode then sees the
+    shifted batch, as in adversarial training).
+
+    Args:
+        model: ``[B, *S] -> [B, C]`` logits.
+        x: ``[B, *S]`` inputs in ``[0, 1]`` (need not require grad).
+        y: ``[B]`` integer labels (the direction needs them).
+        eps: the L∞ step ``ε > 0`` in pixel units (default 10/255).
+        variant: one of :data:`ATTACK_PENALTY_VARIANTS`: ``"difference"``,
+            ``"directional"`` or ``"fgsm_amsreg"`` (see the module docstring).
+        logits: ``model(x)`` ``[B, C]`` if already computed (``"difference"`` then
+            skips one forward pass); ignored by the other variants.
+        estimator, n_proj: AMSReg's estimator (``"fgsm_amsreg"`` only; see
+            :func:`fastland.amsreg_loss`).
+        generator: on ``x``'s device: the random start and projections of ``"fgsm_amsreg"``.
+        attack_model: the module the direction is taken on (default ``model``; under
+            DDP the unwrapped module).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per sample ``[B]``).
+    Returns:
+        A scalar (``[B]`` for ``reduction="none"``), differentiable w.r.t. the parameters.
+
+    Example::
+
+        logits = model(x)
+        pen = fastland.attack_flatness_loss(model, x, y, eps=10 / 255, logits=logits)
+        loss = F.cross_entropy(logits, y) + 1.0 / 2 * pen
+    """
+    _check(model, x, y, eps, variant, reduction, logits)
+    if variant == "fgsm_amsreg" and estimator not in ESTIMATORS:
+        raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
+    attacker = attack_model if attack_model is not None else model
+    x = x.detach()
+    if variant == "fgsm_amsreg":
+        per_sample = _fgsm_amsreg(model, attacker, x, y, float(eps), estimator, n_proj, generator)
+    else:
+        d = fgsm_direction(attacker, x, y)
+        per_sample = (_difference(model, x, d, float(eps), logits) if variant == "difference"
+                      else _directional(model, x, d, float(eps)))
+    return _reduce(per_sample, reduction)
