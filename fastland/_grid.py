@@ -33,20 +33,26 @@ PROBE_SAMPLES = 8
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def module_mode(model: nn.Module, training: Optional[bool]) -> Iterator[nn.Module]:
+    """Set ``model.train(training)`` (``None``: leave it); restore every submodule's own mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    if training is not None:
+        model.train(training)
+    try:
+        yield model
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+def eval_mode(model: nn.Module) -> "contextlib.AbstractContextManager[nn.Module]":
     """Put ``model`` (every submodule) in eval mode; restore each module's mode on exit.
 
     The one train-mode policy of the library: functions that measure a model
     (landscapes, flatness, AMS scores, attacks) evaluate it in eval mode
     (BatchNorm running statistics, no dropout) and leave it as they found it.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
+    return module_mode(model, False)
 
 
 def check_logits(out: object, x: Tensor) -> Tensor:

@@ -16,7 +16,6 @@ import math
 from typing import Any, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_same_device, check_tensor
@@ -122,11 +121,10 @@ def fgsm_direction(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """
     check_tensor("x", x, min_ndim=2, nonempty=True)
     check_labels(x, y)
-    with eval_mode(model), torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(model(xg), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, xg)
-    return grad.sign().to(x.dtype)
+    from .attacks.pgd import _input_gradient  # the attacks' own input gradient of the summed CE
+
+    with eval_mode(model):
+        return _input_gradient(model, x, y, first=True).sign().to(x.dtype)
 
 
 def check_labels(x: Tensor, y: Any) -> None:

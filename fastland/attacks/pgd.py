@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_in_unit_box, check_same_device, check_tensor
+from .._grid import module_mode
 
 __all__ = ["fgsm", "pgd", "MODES"]
 
@@ -71,20 +72,10 @@ def _check_labels_in_range(y: Tensor, logits: Tensor) -> None:
         raise ValueError(f"y: expected class indices in [0, {n_classes}), got range [{lo}, {hi}]")
 
 
-@contextlib.contextmanager
-def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+def attack_mode(model: nn.Module, mode: str = "eval") -> "contextlib.AbstractContextManager[nn.Module]":
     """Put ``model`` in ``mode`` (``"eval"``, ``"train"`` or ``"keep"``) and restore
     each submodule's own ``training`` flag on exit (also on error)."""
-    saved: Dict[nn.Module, bool] = {m: m.training for m in model.modules()}
-    try:
-        if mode == "eval":
-            model.eval()
-        elif mode == "train":
-            model.train()
-        yield model
-    finally:
-        for m, training in saved.items():
-            m.training = training
+    return module_mode(model, {"eval": False, "train": True, "keep": None}[mode])
 
 
 def _input_gradient(model: nn.Module, x_adv: Tensor, y: Tensor, first: bool) -> Tensor:

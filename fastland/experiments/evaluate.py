@@ -77,15 +77,19 @@ def _check_xy(x: Tensor, y: Tensor) -> None:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500, progress: bool = False) -> float:
-    """Clean accuracy in [0, 1] of ``model`` (eval mode) on ``x [N, *S]``, ``y [N]``."""
+    """Clean accuracy in [0, 1] of ``model`` on ``x [N, *S]``, ``y [N]``, evaluated in eval mode
+    (the modes are restored)."""
+    from .._grid import eval_mode
+
     _check_xy(x, y)
     dev = next(model.parameters()).device
     bar = progress_bar(x.shape[0], "clean accuracy", progress, unit="img")
     correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
-        correct += int((model(xb).argmax(1) == yb).sum())
-        bar.update(xb.shape[0])
+    with eval_mode(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+            correct += int((model(xb).argmax(1) == yb).sum())
+            bar.update(xb.shape[0])
     bar.close()
     return correct / x.shape[0]
 
