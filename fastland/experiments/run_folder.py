@@ -23,6 +23,7 @@ import os
 import pickle
 import socket
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -95,7 +96,9 @@ def load_run_file(path: Path, *, need: tuple = ("config", "model")) -> Dict[str,
     if path.stat().st_size == 0:
         raise RunFileError(f"{path}: the file is empty (an interrupted write?); retrain or restore it")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4" on a foreign file: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise RunFileError(f"{path}: refused, it holds objects other than tensors and plain containers "
                            "(possibly code); a fastland run file never does, so it was not loaded") from None
