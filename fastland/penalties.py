@@ -53,15 +53,14 @@ from torch import Tensor, nn
 from . import _estimators as est
 from ._checks import check_same_device, check_tensor
 from ._estimators import default_fd_step, fd_step_floor
+from .choices import ESTIMATORS, JACOBIAN_ESTIMATORS, REDUCTIONS
 
 __all__ = ["amsreg_loss", "jacobian_loss", "AMSReg", "JacobianReg", "ESTIMATORS",
            "JACOBIAN_ESTIMATORS", "REDUCTIONS", "default_fd_step", "fd_step_floor"]
 
-#: Every estimator name; ``amsreg_loss``/``AMSReg`` accept them all.
-ESTIMATORS: Tuple[str, ...] = ("projection", "exact", "gradnorm", "finite_difference")
-#: Those of ``jacobian_loss``/``JacobianReg`` (``gradnorm`` and ``finite_difference`` are AMSReg quantities).
-JACOBIAN_ESTIMATORS: Tuple[str, ...] = ESTIMATORS[:2]
-REDUCTIONS: Tuple[str, ...] = ("mean", "sum", "none")
+# Every estimator name (``amsreg_loss``/``AMSReg`` accept them all), those of ``jacobian_loss``/
+# ``JacobianReg`` (``gradnorm`` and ``finite_difference`` are AMSReg quantities), and the reductions:
+# defined once in fastland.choices.
 
 
 # --------------------------------------------------------------------------- argument checks
