@@ -103,6 +103,20 @@ def _code_pickle(tmp, runs, legacy: bool = False):
     return ["evaluate", str(run), *FAST_EVAL], run, None
 
 
+def _foreign_bytes(tmp, runs, data: bytes):
+    run = _copy(runs, "done", tmp)
+    (run / "model.pt").write_bytes(data)
+    return ["evaluate", str(run), *FAST_EVAL], run, None
+
+
+def _truncated_code_pickle(tmp, runs):
+    run = tmp / "evil"
+    run.mkdir()
+    data = pickle.dumps({"config": {}, "model": _Marker(tmp / "marker")})
+    (run / "model.pt").write_bytes(data[:-3])
+    return ["evaluate", str(run), *FAST_EVAL], run, None
+
+
 def _read_only_out(tmp, runs):
     out = tmp / "ro"
     out.mkdir()
@@ -164,6 +178,11 @@ CASES = {
                                         forbidden=("weights_only=False", "weights_only")),
     "code in a legacy pickle": Case(lambda t, r: _code_pickle(t, r, legacy=True), ("model.pt", "refused"),
                                     forbidden=("weights_only=False", "weights_only")),
+    "zero bytes as model.pt": Case(lambda t, r: _foreign_bytes(t, r, b"\x00" * 10),
+                                   ("model.pt", "truncated or corrupt"), forbidden=("code",)),
+    "text as model.pt": Case(lambda t, r: _foreign_bytes(t, r, b"hello, not a pickle\n"),
+                             ("model.pt", "truncated or corrupt"), forbidden=("code",)),
+    "a truncated pickle with code": Case(_truncated_code_pickle, ("model.pt", "refused", "possibly code")),
     "read-only --out of train": Case(_read_only_out, ("out: cannot write to {dir}",)),
     "read-only --out of evaluate": Case(_read_only_eval_out, ("out: cannot write to {dir}",)),
     "train --out beneath a file": Case(_out_under_a_file, ("out: cannot write to {dir}/file/run",)),

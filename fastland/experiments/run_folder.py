@@ -99,16 +99,56 @@ def load_run_file(path: Path, *, need: tuple = ("config", "model")) -> Dict[str,
         with warnings.catch_warnings():  # e.g. "pickle protocol 4" on a foreign file: the error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise RunFileError(f"{path}: refused, it holds objects other than tensors and plain containers "
-                           "(possibly code); a fastland run file never does, so it was not loaded") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or _pickle_holds_objects(path):
+            raise RunFileError(f"{path}: refused, it holds objects other than tensors and plain containers "
+                               "(possibly code); a fastland run file never does, so it was not loaded") from None
+        raise RunFileError(f"{path}: truncated or corrupt (not a pickle torch can load); "
+                           "retrain or restore it") from None
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise RunFileError(f"{path}: cannot read it ({e.strerror or type(e).__name__}); fix its permissions "
+                               "or restore it") from None
+        raise RunFileError(f"{path}: truncated or corrupt ({type(e).__name__}); retrain or restore it") from None
+    except Exception as e:  # torch.load fails in many ways on bytes it did not write
         raise RunFileError(f"{path}: truncated or corrupt ({type(e).__name__}); retrain or restore it") from None
     missing = [k for k in need if not (isinstance(state, dict) and k in state)]
     if missing:
         raise RunFileError(f"{path}: not a fastland run file (no {', '.join(map(repr, missing))}); "
                            "fastland writes model.pt with `fastland train`")
+    if not (isinstance(state["config"], dict) and isinstance(state["model"], dict)):
+        raise RunFileError(f"{path}: not a fastland run file (its config and model are not mappings); "
+                           "fastland writes model.pt with `fastland train`")
     return state
+
+
+# pickle opcodes that name a global or call one: a file holding them holds objects or code
+_CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1",
+                           "EXT2", "EXT4"})
+
+
+def _pickle_holds_objects(path: Path) -> bool:
+    """True when the pickle in ``path`` (raw, or a torch zip archive's ``data.pkl``) references globals.
+
+    Reads the opcodes with :mod:`pickletools` only: nothing in the file is run.
+    """
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return False
+                data = z.read(name)
+        else:
+            data = path.read_bytes()
+        for op, _, _ in pickletools.genops(data):
+            if op.name in _CODE_OPCODES:
+                return True
+    except Exception:  # unreadable from here on: what was read named no global
+        pass
+    return False
 
 
 def saved_config(folder: Path) -> Optional[Dict[str, Any]]:
