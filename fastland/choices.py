@@ -9,7 +9,7 @@ from typing import Dict, Tuple
 
 __all__ = ["DEFENCES", "EXTRA_DEFENCES", "ATTACK_PENALTY_VARIANTS", "ATTACK_DIRECTIONS", "DEFENCE_ESTIMATORS",
            "ESTIMATORS", "JACOBIAN_ESTIMATORS", "REDUCTIONS", "BACKENDS", "MODELS",
-           "DATASETS", "DIRECTION_KINDS", "FLATNESS_REDUCTIONS", "ATTACKS", "PERTURBATIONS"]
+           "DATASETS", "DIRECTION_KINDS", "FLATNESS_REDUCTIONS", "ATTACKS", "PERTURBATIONS", "EVAL_ATTACKS"]
 
 # training defences (fastland.Defence)
 DEFENCES: Tuple[str, ...] = ("none", "at", "jacobian", "amsreg")
@@ -38,3 +38,6 @@ FLATNESS_REDUCTIONS: Tuple[str, ...] = ("sum", "mean")
 ATTACKS: Tuple[str, ...] = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
 # random perturbations of fastland.loglik_histogram
 PERTURBATIONS: Tuple[str, ...] = ("rademacher", "uniform")
+# evaluation modes of the experiments (``fastland evaluate --attack``): the paper's PGD alone, or the
+# worst case over ATTACKS' standard three as well
+EVAL_ATTACKS: Tuple[str, ...] = ("pgd", "strong")

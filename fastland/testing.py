@@ -11,6 +11,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .choices import BACKENDS as _ALL_BACKENDS
+
 __all__ = [
     "devices",
     "BACKENDS",
@@ -35,7 +37,7 @@ def devices() -> List[torch.device]:
 
 
 # The kernel backends a fused op can run on (``FASTLAND_BACKEND``).
-BACKENDS: Tuple[str, ...] = ("cpp", "triton", "reference")
+BACKENDS: Tuple[str, ...] = tuple(b for b in _ALL_BACKENDS if b != "auto")  # the ones a test can force
 
 
 def backend_unavailable(backend: str) -> Optional[str]:

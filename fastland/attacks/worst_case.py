@@ -22,7 +22,7 @@ from .square import square_attack
 __all__ = ["ATTACKS", "GRADIENT_FREE", "SURVIVED", "MISCLASSIFIED_CLEAN", "WorstCase", "worst_case",
            "masking_flags"]
 
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
+from ..choices import ATTACKS  # noqa: E402  (defined once)
 GRADIENT_FREE = frozenset({"square"})
 SURVIVED = -1  # broken_by code: robust against every attack
 MISCLASSIFIED_CLEAN = -2  # broken_by code: misclassified before any attack

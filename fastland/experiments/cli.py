@@ -14,7 +14,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from .run_folder import RunFolderBusy
-from ..choices import DATASETS, DEFENCES, DIRECTION_KINDS, ESTIMATORS, FLATNESS_REDUCTIONS, MODELS
+from ..choices import DATASETS, DEFENCES, DIRECTION_KINDS, ESTIMATORS, EVAL_ATTACKS, FLATNESS_REDUCTIONS, MODELS
 
 __all__ = ["main", "build_parser"]
 
@@ -101,7 +101,7 @@ def _add_eval_options(p: argparse.ArgumentParser, n_phi: int = 500) -> None:
     g.add_argument("--reduction", choices=FLATNESS_REDUCTIONS, default="sum",
                    help="Φ sums the AMS score over grid points (the paper's) or averages it")
     g.add_argument("--eval-batch-size", type=_positive_int, default=500, help="batch size of the evaluation")
-    g.add_argument("--attack", choices=("pgd", "strong"), default="strong",
+    g.add_argument("--attack", choices=EVAL_ATTACKS, default="strong",
                    help="pgd: the paper's PGD alone (fast); strong: also the worst case over APGD-CE, APGD-T "
                         "and Square, with gradient-masking flags")
     g.add_argument("--n-strong", type=_positive_int, default=1000, help="test examples for the strong evaluation")

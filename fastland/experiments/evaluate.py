@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._checks import check_tensor
 from .._progress import progress_bar
 
-EVAL_ATTACKS = ("pgd", "strong")
+from ..choices import EVAL_ATTACKS
 
 __all__ = ["EVAL_ATTACKS", "EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "subset_indices",
            "evaluate"]

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 ENV_VAR = "FASTLAND_BACKEND"
-BACKENDS = ("auto", "triton", "cpp", "reference")
+from ..choices import BACKENDS  # noqa: E402  (defined once for the library and the CLI)
 # dtypes the Triton kernels take (accumulation: float64 for float64, else float32)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
