@@ -148,6 +148,17 @@ def _cuda(tmp, runs):
     return ["train", *FAST, "--out", str(out), "--device", "cuda"], out, skip
 
 
+def _device(tmp, runs, device: str):
+    out = tmp / "dev"
+    out.mkdir()
+    return ["train", *FAST, "--out", str(out), "--device", device], out, None
+
+
+def _evaluate_device(tmp, runs, device: str):
+    run = _copy(runs, "done", tmp)
+    return ["evaluate", str(run), *FAST_EVAL, "--device", device], run, None
+
+
 def _other_settings(tmp, runs):
     run = _copy(runs, "done", tmp)
     return ["train", *FAST, "--lr", "0.05", "--out", str(run)], run, None
@@ -189,6 +200,11 @@ CASES = {
     "evaluate --out beneath a file": Case(_evaluate_out_under_a_file, ("out: cannot write to {dir}/file",),
                                           max_s=5.0),
     "--device cuda without CUDA": Case(_cuda, ("device", "'cuda'", "no CUDA device")),
+    "--device meta (not one training runs on)": Case(lambda t, r: _device(t, r, "meta"),
+                                                     ("device: expected auto, cpu, cuda or cuda:N, got 'meta'",)),
+    "--device cuda:64 (past the visible devices)": Case(lambda t, r: _device(t, r, "cuda:64"),
+                                                        ("device: 'cuda:64' requested but",)),
+    "evaluate --device xla": Case(lambda t, r: _evaluate_device(t, r, "xla"), ("device:", "'xla'")),
     "other settings into a finished run's --out": Case(_other_settings, ("out: {dir}", "lr: saved 0.01, now 0.05",
                                                                          "--overwrite")),
     "--resume with a disagreeing flag": Case(_resume_disagrees, ("--epochs", "saved with 2", "drop the flag")),

@@ -81,7 +81,8 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def resolve_device(device: str | torch.device, dist_info: Optional[Dist] = None) -> torch.device:
-    """``"auto"`` → CUDA when present, else the CPU; a CUDA request without CUDA is a clear error."""
+    """``"auto"`` → CUDA when present, else the CPU; a device that is absent or that training cannot
+    use (``meta``, ``xla``, a CUDA index past the visible ones) is a one-line ``ValueError``."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -90,8 +91,15 @@ def resolve_device(device: str | torch.device, dist_info: Optional[Dist] = None)
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: {device!r} requested but no MPS device is available; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but no CUDA device is available; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) are "
+                         "visible (cuda:0 ...); pick one of them or use --device auto")
     if dev.type == "cuda" and dev.index is None:
         local = int(os.environ.get("LOCAL_RANK", "0")) if dist_info is None else dist_info.local_rank
         dev = torch.device("cuda", local)
