@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-__all__ = ["DEFENCES", "EXTRA_DEFENCES", "ATTACK_PENALTY_VARIANTS", "ATTACK_DIRECTIONS", "DEFENCE_ESTIMATORS",
+__all__ = ["DEFENCES", "PAPER_DEFENCES", "ATTACK_PENALTY_VARIANTS", "ATTACK_DIRECTIONS", "DEFENCE_ESTIMATORS",
            "ESTIMATORS", "JACOBIAN_ESTIMATORS", "REDUCTIONS", "BACKENDS", "MODELS",
            "DATASETS", "DIRECTION_KINDS", "FLATNESS_REDUCTIONS", "ATTACKS", "PERTURBATIONS", "EVAL_ATTACKS"]
 
-# training defences (fastland.Defence)
-DEFENCES: Tuple[str, ...] = ("none", "at", "jacobian", "amsreg")
-# defences beyond the paper's four: fastland.Defence accepts them; the experiments layer does not run them yet
-EXTRA_DEFENCES: Tuple[str, ...] = ("attack_flat",)
+# training defences (fastland.Defence): the paper's four, then fastland's attack-direction flattening
+DEFENCES: Tuple[str, ...] = ("none", "at", "jacobian", "amsreg", "attack_flat")
+PAPER_DEFENCES: Tuple[str, ...] = DEFENCES[:4]
 # variants of the attack-direction penalty (fastland.attack_flatness_loss, Defence("attack_flat", variant=...))
 ATTACK_PENALTY_VARIANTS: Tuple[str, ...] = ("difference", "directional", "fgsm_amsreg")
 # the line directions of fastland.attack_flatness (or a tensor)

@@ -11,7 +11,7 @@ A :class:`Defence` is a small spec: which objective and its few numbers.
   :func:`fastland.amsreg_loss`);
 * ``attack_flat``: ``mean CE + (λ/2)·mean penalty`` with the attack-direction
   penalty :func:`fastland.attack_flatness_loss` of ``variant`` at step ``eps``
-  (beyond the paper; listed in :data:`EXTRA_DEFENCES`).
+  (beyond the paper).
 
 Example::
 
@@ -32,12 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DEFENCES", "EXTRA_DEFENCES", "ATTACK_PENALTY_VARIANTS", "Defence", "defence_loss", "train_step"]
+from ._checks import check_model_dtype, check_tensor
+from ._grid import check_logits
 
-from .choices import ATTACK_PENALTY_VARIANTS, DEFENCES, EXTRA_DEFENCES
+__all__ = ["DEFENCES", "ATTACK_PENALTY_VARIANTS", "Defence", "defence_loss", "train_step"]
+
+from .choices import ATTACK_PENALTY_VARIANTS, DEFENCES
 from .choices import DEFENCE_ESTIMATORS as _DEFENCE_ESTIMATORS
 
-_ALL_DEFENCES = DEFENCES + EXTRA_DEFENCES
+_ALL_DEFENCES = DEFENCES
 
 
 def _need(cond: bool, name: str, expected: str, got: Any) -> None:
@@ -50,7 +53,7 @@ class Defence:
     """One defence and its settings (validated on construction).
 
     Attributes:
-        name: one of :data:`DEFENCES` or :data:`EXTRA_DEFENCES`.
+        name: one of :data:`DEFENCES`.
         lam: λ of the objective ``CE + (λ/2)·penalty`` (``jacobian``/``amsreg``/``attack_flat``;
             Table 2: 0.01 and 0.5 on Fashion-MNIST; ``attack_flat``: see
             :data:`fastland.attack_penalties.ATTACK_FLAT_LAM`).
@@ -128,6 +131,8 @@ def defence_loss(
     if not isinstance(defence, Defence):
         raise TypeError(f"defence: expected a fastland.Defence, got {type(defence).__name__}")
     d = defence.name
+    if not (d == "attack_flat" and y is None):  # that case gets its own message below
+        _check_batch(model, x, y)
     if d == "attack_flat":
         return _attack_flat_loss(model, x, y, defence, generator, attack_model)
     if d == "at":
@@ -137,16 +142,48 @@ def defence_loss(
                 alpha=defence.step_size, steps=defence.steps, random_start=True, generator=generator)
     if d in ("jacobian", "amsreg"):
         x = x.detach().clone().requires_grad_(True)
-        logits = model(x)
+        logits = _checked_logits(model(x), x, y)
         ce = F.cross_entropy(logits, y)
         kwargs: Dict[str, Any] = dict(n_proj=defence.n_proj, estimator=defence.estimator, generator=generator)
         if defence.estimator == "finite_difference":
             kwargs["model"] = model
         penalty = _penalty(d)(logits, x, **kwargs)
         return ce + defence.lam / 2 * penalty, ce, penalty, logits
-    logits = model(x)
+    logits = _checked_logits(model(x), x, y)
     ce = F.cross_entropy(logits, y)
     return ce, ce, ce.new_zeros(()), logits
+
+
+def _check_batch(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Shapes and dtypes of one mini-batch (no device synchronisation)."""
+    check_tensor("x", x, min_ndim=2, nonempty=True)
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise TypeError(f"y: expected integer class indices of shape [{x.shape[0]}], got {got}")
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y: expected shape [{x.shape[0]}] (one label per row of x), got {tuple(y.shape)}")
+    check_model_dtype(model, x)
+
+
+def _checked_logits(out: object, x: Tensor, y: Tensor) -> Tensor:
+    """``out = model(x)`` is logits ``[B, C]``; ``x`` is finite and ``y`` in ``[0, C)``.
+
+    One host synchronisation on the CPU (the loop syncs on the loss anyway); on CUDA
+    asynchronous asserts, so the step is not stalled.
+    """
+    logits = check_logits(out, x)
+    n_classes = logits.shape[1]
+    finite, lo_ok, hi_ok = torch.isfinite(x).all(), (y >= 0).all(), (y < n_classes).all()
+    if x.device.type == "cuda":
+        for ok, what in ((finite, "x: contains NaN or inf"), (lo_ok & hi_ok, f"y: expected labels in [0, {n_classes})")):
+            torch._assert_async(ok, what)
+        return logits
+    ok = torch.stack([finite, lo_ok, hi_ok]).tolist()
+    if not ok[0]:
+        raise ValueError("x: contains NaN or inf")
+    if not (ok[1] and ok[2]):
+        raise ValueError(f"y: expected class indices in [0, {n_classes}), got range [{int(y.min())}, {int(y.max())}]")
+    return logits
 
 
 def _attack_flat_loss(model: nn.Module, x: Tensor, y: Tensor, defence: Defence,
@@ -158,7 +195,7 @@ def _attack_flat_loss(model: nn.Module, x: Tensor, y: Tensor, defence: Defence,
     if y is None:
         raise ValueError("y: the 'attack_flat' defence needs labels (its direction is sign(∇x CE)); "
                          "pass y=[B] integer labels")
-    logits = model(x)
+    logits = _checked_logits(model(x), x, y)
     ce = F.cross_entropy(logits, y)
     penalty = attack_flatness_loss(model, x, y, eps=defence.eps, variant=defence.variant, logits=logits,
                                    estimator=defence.estimator, n_proj=defence.n_proj, generator=generator,

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from fastland.attack_penalties import attack_flatness_loss
 from fastland.attacks import pgd
 from fastland.data import synthetic_dataset
-from fastland.defences import ATTACK_PENALTY_VARIANTS, DEFENCES, EXTRA_DEFENCES, Defence, defence_loss, train_step
+from fastland.choices import PAPER_DEFENCES
+from fastland.defences import ATTACK_PENALTY_VARIANTS, DEFENCES, Defence, defence_loss, train_step
 from fastland.reference import amsreg_penalty_ref, jacobian_penalty_ref
 from fastland.testing import tiny_cnn
 
@@ -193,7 +194,7 @@ def test_variant_is_validated_and_ignored_by_the_other_defences():
     a = defence_loss(model, x, y, Defence("amsreg", lam=0.5, estimator="exact"))[0]
     b = defence_loss(model, x, y, Defence("amsreg", lam=0.5, estimator="exact", variant="directional"))[0]
     torch.testing.assert_close(a, b)
-    assert "attack_flat" in EXTRA_DEFENCES and "attack_flat" not in DEFENCES
+    assert "attack_flat" in DEFENCES and "attack_flat" not in PAPER_DEFENCES
 
 
 def test_attack_flat_needs_labels():

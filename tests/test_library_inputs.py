@@ -1,8 +1,5 @@
 """Bad inputs to the library's public functions, one table: each call raises a ValueError or
 TypeError whose one-line message starts with the name of the argument at fault.
-
-Cases that fail today are marked ``xfail(strict=True)`` with what happens instead; a fix in the
-library turns them into XPASS, i.e. a failure here, so that the mark is then removed.
 """
 from __future__ import annotations
 
@@ -183,23 +180,6 @@ CASES: Dict[str, Tuple[Callable[[Dict[str, Any]], Any], str]] = {
                                              "x"),
 }
 
-# what happens today instead of a one-line ValueError/TypeError naming the argument
-FAILING = {
-    "defence_loss: label >= C": "IndexError 'Target 3 is out of bounds.' from F.cross_entropy",
-    "defence_loss: label < 0": "IndexError 'Target -1 is out of bounds.' from F.cross_entropy",
-    "defence_loss: y of another length": "ValueError 'Expected input batch_size (2) to match target batch_size (3)'"
-                                         " that does not name y",
-    "defence_loss: float y": "RuntimeError 'expected target dtype to be Long or Byte, but got Float'",
-    "defence_loss: x NaN": "no error: returns a NaN loss",
-    "defence_loss: model returns a tuple": "TypeError from cross_entropy_loss() naming its 'input', not model",
-    "defence_loss: float64 x, float32 model": "RuntimeError 'mat1 and mat2 must have the same dtype'",
-    "pgd: model returns a tuple": "AttributeError \"'tuple' object has no attribute 'shape'\"",
-    "pgd: float64 x, float32 model": "RuntimeError 'mat1 and mat2 must have the same dtype'",
-    "apgd: float64 x, float32 model": "RuntimeError 'mat1 and mat2 must have the same dtype'",
-    "square: float64 x, float32 model": "RuntimeError 'mat1 and mat2 must have the same dtype'",
-    "worst_case: float64 x, float32 model": "RuntimeError 'mat1 and mat2 must have the same dtype'",
-}
-assert set(FAILING) <= set(CASES)
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +187,7 @@ def inputs() -> Dict[str, Any]:
     return _inputs()
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=FAILING[n])) if n in FAILING else n
-    for n in CASES
-])
+@pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_a_one_line_error_naming_the_argument(name, inputs):
     call, argument = CASES[name]
     with pytest.raises((ValueError, TypeError)) as info:

@@ -9,7 +9,7 @@ import pytest
 import fastland.experiments.reproduce as rp
 import fastland.experiments.train as tr
 from fastland.experiments.evaluate import EvalSettings
-from fastland.defences import DEFENCES
+from fastland.choices import PAPER_DEFENCES as DEFENCES
 from fastland.experiments.paper import paper_settings
 
 TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=32, n_phi=3, phi_points=3, attack="strong",

@@ -99,7 +99,7 @@ def test_each_defence_trains_a_few_steps(tmp_path, defence):
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "ce", "penalty", "train_acc", "test_acc"))
-        assert (m["penalty"] > 0) == (defence in ("jacobian", "amsreg"))
+        assert (m["penalty"] > 0) == (defence in ("jacobian", "amsreg", "attack_flat"))
     assert json.loads((tmp_path / "config.json").read_text())["defence"] == defence
 
 
@@ -147,6 +147,7 @@ def test_checkpoint_is_weights_only_loadable_and_complete(tmp_path):
     ("none", _dropout_model),  # global torch RNG (dropout) across the interruption
     ("amsreg", lambda: tiny_cnn(1, 3, 6)),  # the loop's generator (projections)
     ("at", lambda: tiny_cnn(1, 3, 6)),  # the loop's generator (PGD random starts)
+    ("attack_flat", lambda: tiny_cnn(1, 3, 6)),  # the attack-direction penalty
 ])
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, defence, model_fn):
     x, y = _data(80)
@@ -250,20 +251,25 @@ def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
     assert (out / "model.pt").exists()
 
 
-def test_two_process_gloo_ddp_equals_one_process_with_the_double_batch(tmp_path):
+@pytest.mark.parametrize("defence,extra", [
+    ("amsreg", {"estimator": "exact"}),  # double backward under DDP
+    ("attack_flat", {"variant": "difference"}),  # two forwards of the DDP module per step
+])
+def test_two_process_gloo_ddp_equals_one_process_with_the_double_batch(tmp_path, defence, extra):
     """DistributedSampler gives rank r the positions r, r+2, ... of the epoch's
     permutation, so 2 ranks × batch b see the same examples per step as one
     process with batch 2b; the averaged gradients agree (up to float order).
-    AMSReg with the exact estimator (deterministic) exercises double backward under DDP."""
+    Both defences are deterministic (exact estimator; the FGSM direction)."""
+    flags = [a for k, v in extra.items() for a in (f"--{k}", v)]
     common = ["--dataset", "synthetic", "--model", "lenet", "--epochs", "2", "--train-size", "96",
-              "--defence", "amsreg", "--estimator", "exact", "--lr", "0.05", "--no-progress", "--device", "cpu"]
+              "--defence", defence, *flags, "--lr", "0.05", "--no-progress", "--device", "cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fastland", "train", *common, "--batch-size", "16", "--out", str(tmp_path / "ddp")]
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ddp_model, _ = load_trained(tmp_path / "ddp")
-    c = TrainConfig(model="lenet", dataset="synthetic", epochs=2, train_size=96, defence="amsreg",
-                    estimator="exact", lr=0.05, batch_size=32)
+    c = TrainConfig(model="lenet", dataset="synthetic", epochs=2, train_size=96, defence=defence, **extra,
+                    lr=0.05, batch_size=32)
     single = train(c, tmp_path / "single", progress=False, device="cpu")
     ddp_metrics = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(ddp_metrics) == 2

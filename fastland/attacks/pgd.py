@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_in_unit_box, check_same_device, check_tensor
-from .._grid import module_mode
+from .._checks import check_model_dtype
+from .._grid import check_logits, module_mode
 
 __all__ = ["fgsm", "pgd", "MODES"]
 
@@ -60,12 +61,14 @@ def _check_attack_inputs(model: nn.Module, x: Tensor, y: Tensor, mode: str) -> N
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"y: expected shape ({x.shape[0]},) (one label per row of x), got {tuple(y.shape)}")
     check_same_device(["x", "y"], [x, y])
+    check_model_dtype(model, x)
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
 
 
-def _check_labels_in_range(y: Tensor, logits: Tensor) -> None:
-    """Labels in ``[0, C)`` (one device sync, once per attack)."""
+def _check_labels_in_range(y: Tensor, logits: object) -> None:
+    """The model returned logits ``[B, C]``, and the labels are in ``[0, C)`` (one device sync, once per attack)."""
+    logits = check_logits(logits, y)
     n_classes = logits.shape[-1]
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= n_classes:

@@ -14,7 +14,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from .run_folder import RunFolderBusy
-from ..choices import DATASETS, DEFENCES, DIRECTION_KINDS, ESTIMATORS, EVAL_ATTACKS, FLATNESS_REDUCTIONS, MODELS
+from ..choices import ATTACK_PENALTY_VARIANTS, DATASETS, DEFENCES, DIRECTION_KINDS, ESTIMATORS, EVAL_ATTACKS, FLATNESS_REDUCTIONS, MODELS
 
 __all__ = ["main", "build_parser"]
 
@@ -121,7 +121,8 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="fmnist",
                    help="data set (synthetic: a small random one, for tests)")
     p.add_argument("--defence", choices=DEFENCES, default="none",
-                   help="none, at (PGD-k adversarial training), jacobian or amsreg")
+                   help="none, at (PGD-k adversarial training), jacobian, amsreg, or attack_flat (flattens log p "
+                        "along the FGSM direction)")
     p.add_argument("--epochs", type=_positive_int, default=200, help="epochs (lr ÷10 after 50%% and 75%%)")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (per process under torchrun)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.01 LeNet/DDNet, 0.1 ResNet-18)")
@@ -133,7 +134,12 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--estimator", choices=ESTIMATORS,
                    default="projection", help="penalty estimator (Jacobian: projection or exact)")
     p.add_argument("--n-proj", type=_positive_int, default=1, help="random projections per sample")
-    p.add_argument("--at-eps", type=_fraction, default=None, help="ε of adversarial training (default: 10/255 F-MNIST, 3/255 CIFAR-10)")
+    p.add_argument("--at-eps", type=_fraction, default=None,
+                   help="ε of the training-time attack: AT's PGD and attack_flat's direction "
+                        "(default: 10/255 F-MNIST, 3/255 CIFAR-10)")
+    p.add_argument("--variant", choices=ATTACK_PENALTY_VARIANTS, default="difference",
+                   help="attack_flat's penalty: difference (log p change along the FGSM direction), "
+                        "directional (its derivative) or fgsm_amsreg (AMSReg at an FGSM point)")
     p.add_argument("--at-alpha", type=_fraction, default=None, help="PGD step of adversarial training (default: 2.5·ε/steps)")
     p.add_argument("--at-steps", type=_positive_int, default=10, help="PGD steps of adversarial training")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")

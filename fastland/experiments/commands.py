@@ -28,7 +28,8 @@ def _eval_settings(args: argparse.Namespace, dataset: str, seed: int = 0) -> Any
 _TRAIN_FIELDS = {"model": "model", "dataset": "dataset", "defence": "defence", "epochs": "epochs",
                  "batch_size": "batch_size", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
                  "lam": "lam", "estimator": "estimator", "n_proj": "n_proj", "at_eps": "at_eps",
-                 "at_alpha": "at_alpha", "at_steps": "at_steps", "seed": "seed", "train_size": "train_size"}
+                 "at_alpha": "at_alpha", "at_steps": "at_steps", "variant": "variant", "seed": "seed",
+                 "train_size": "train_size"}
 
 
 def _train_config(args: argparse.Namespace) -> Any:

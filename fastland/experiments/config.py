@@ -24,6 +24,9 @@ class TrainConfig:
     ``None`` fields take the paper's defaults for the data set and defence:
     ``lr`` per model (0.01 LeNet/DDNet, 0.1 ResNet-18), ``lam`` per defence
     (Tables 1/2), ``at_eps`` per data set and ``at_alpha = 2.5·at_eps/at_steps``.
+    ``at_eps`` is the ε of the training-time attack: AT's PGD, and the attack
+    direction of ``attack_flat`` (whose penalty is ``variant``; default λ per
+    variant from :data:`fastland.attack_penalties.ATTACK_FLAT_LAM`).
     ``train_size`` keeps that many training examples (a fixed random subset;
     for ``synthetic`` it is the data set size, default 512).
     """
@@ -42,6 +45,7 @@ class TrainConfig:
     at_eps: Optional[float] = None
     at_alpha: Optional[float] = None
     at_steps: int = 10
+    variant: str = "difference"
     seed: int = 0
     train_size: Optional[int] = None
     synthetic_shape: Tuple[int, ...] = (1, 28, 28)
@@ -49,23 +53,26 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` default filled in and the fields validated."""
+        from ..attack_penalties import ATTACK_FLAT_LAM
+
         c = dataclasses.replace(self, synthetic_shape=tuple(self.synthetic_shape))
-        _validate(c)
         ps = paper_settings(c.dataset)
         if c.lr is None:
             c.lr = BASE_LR.get(c.model, 0.01)
         if c.lam is None:
-            c.lam = {"jacobian": ps.lam_jacobian, "amsreg": ps.lam_amsreg}.get(c.defence, 0.0)
+            lams = {"jacobian": ps.lam_jacobian, "amsreg": ps.lam_amsreg, "attack_flat": ATTACK_FLAT_LAM.get(c.variant)}
+            c.lam = lams.get(c.defence, 0.0)
         if c.at_eps is None:
-            c.at_eps = ps.at_eps if c.defence == "at" else 0.0
-        if c.at_alpha is None:
+            c.at_eps = ps.at_eps if c.defence in ("at", "attack_flat") else 0.0
+        if c.at_alpha is None and isinstance(c.at_steps, int) and c.at_steps >= 1:
             c.at_alpha = 2.5 * c.at_eps / c.at_steps
+        _validate(c)
         return c
 
     def defence_spec(self) -> Defence:
         """The library's :class:`fastland.Defence` for this (resolved) config."""
         return Defence(self.defence, lam=float(self.lam or 0.0), estimator=self.estimator, n_proj=self.n_proj,
-                       eps=float(self.at_eps or 0.0), alpha=self.at_alpha, steps=self.at_steps)
+                       eps=float(self.at_eps or 0.0), alpha=self.at_alpha, steps=self.at_steps, variant=self.variant)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -97,8 +104,7 @@ def _validate(c: TrainConfig) -> None:
     need(c.weight_decay >= 0, "weight_decay", "a number >= 0", c.weight_decay)
     need(c.train_size is None or (isinstance(c.train_size, int) and c.train_size >= 1),
          "train_size", "an integer >= 1 or None", c.train_size)
-    Defence(c.defence, lam=c.lam or 0.0, estimator=c.estimator, n_proj=c.n_proj, eps=c.at_eps or 0.0,
-            alpha=c.at_alpha, steps=c.at_steps)  # validates the defence's own fields
+    c.defence_spec()  # validates the defence's own fields
 
 
 # --------------------------------------------------------------------------- from names

@@ -18,7 +18,8 @@ from .._progress import progress_bar
 
 from ..choices import EVAL_ATTACKS
 
-__all__ = ["EVAL_ATTACKS", "EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "subset_indices",
+__all__ = ["EVAL_ATTACKS", "EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "attack_flatness_of",
+           "subset_indices",
            "evaluate"]
 
 
@@ -147,6 +148,20 @@ def flatness_of(model: nn.Module, x: Tensor, s: EvalSettings, *, progress: bool 
     return {"phi": float(f.mean), "phi_stderr": float(f.stderr)}
 
 
+def attack_flatness_of(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings) -> Dict[str, float]:
+    """Flatness along the FGSM direction (:func:`fastland.attack_flatness`) of ``model`` on
+    ``x [N, *S]``, ``y [N]``, beside random signed directions, as ``{"attack_flat", "attack_flat_stderr",
+    "attack_flat_random", "anisotropy"}`` (higher = flatter; anisotropy > 1: the attack direction is steeper)."""
+    from ..anisotropy import attack_flatness
+
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(s.seed + 3)
+    f = attack_flatness(model, x.to(dev), y.to(dev), directions="fgsm", generator=gen)
+    return {"attack_flat": float(f.mean), "attack_flat_stderr": float(f.stderr),
+            "attack_flat_random": float(f.random_mean), "anisotropy": float(f.anisotropy)}
+
+
 def subset_indices(n_total: int, n: Optional[int], seed: int) -> Tensor:
     """Indices of a fixed random subset of size ``n`` (all, in order, when ``n`` is None or too big)."""
     if n is None or n >= n_total:
@@ -192,6 +207,7 @@ def evaluate(
     if phi:
         idx = subset_indices(x.shape[0], s.n_phi, s.seed)
         out.update(flatness_of(model, x[idx], s, progress=progress))
+        out.update(attack_flatness_of(model, x[idx], y[idx], s))
         out["n_phi"] = int(idx.numel())
     out["settings"] = asdict(s)
     return out

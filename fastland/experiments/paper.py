@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Sequence, Tuple
 
-from ..choices import DEFENCES
+from ..choices import PAPER_DEFENCES
 
 __all__ = ["PaperSettings", "paper_settings", "BASE_LR", "PaperRow", "Setting", "CONFIGS", "SWEEP_FACTORS"]
 
@@ -67,7 +67,7 @@ class Setting:
 
 def _rows(eps: str, lam_j: float, lam_a: float, vals: Sequence[Tuple[float, float, float]]) -> Dict[str, PaperRow]:
     labels = ("No Defense", f"AT (ε = {eps})", f"Jacobian Reg. (λ = {lam_j})", f"AMSReg (λ = {lam_a})")
-    return {d: PaperRow(lab, *v) for d, lab, v in zip(DEFENCES, labels, vals)}
+    return {d: PaperRow(lab, *v) for d, lab, v in zip(PAPER_DEFENCES, labels, vals)}
 
 
 CONFIGS: Dict[str, Setting] = {

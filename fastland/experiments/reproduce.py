@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .evaluate import EvalSettings, default_eval_settings, evaluate
 from .._io import atomic_write_text
-from ..defences import DEFENCES
+from ..choices import DEFENCES, PAPER_DEFENCES
 from .paper import CONFIGS, SWEEP_FACTORS, PaperRow, Setting, paper_settings
 from .train import TrainConfig, load_data, train
 
@@ -46,7 +46,8 @@ class RunSpec:
     main: bool  # one of the four table rows (else a sweep model)
 
 
-_DEFENCE_NAMES = {"none": "No defence", "at": "AT", "jacobian": "Jacobian", "amsreg": "AMSReg"}
+_DEFENCE_NAMES = {"none": "No defence", "at": "AT", "jacobian": "Jacobian", "amsreg": "AMSReg",
+                  "attack_flat": "Attack-flat"}
 
 
 def _label(c: TrainConfig) -> str:
@@ -55,6 +56,8 @@ def _label(c: TrainConfig) -> str:
         return name
     if c.defence == "at":
         return f"{name} (ε = {c.at_eps * 255:.3g}/255)"
+    if c.defence == "attack_flat":
+        return f"{name} {c.variant} (λ = {c.lam:.3g}, ε = {c.at_eps * 255:.3g}/255)"
     return f"{name} (λ = {c.lam:.3g})"
 
 
@@ -62,7 +65,7 @@ def run_specs(
     setting: str,
     *,
     epochs: int,
-    defences: Sequence[str] = DEFENCES,
+    defences: Sequence[str] = PAPER_DEFENCES,
     train_size: Optional[int] = None,
     batch_size: int = 128,
     seed: int = 0,
@@ -114,6 +117,7 @@ def findings(results: Dict[str, Dict[str, Any]]) -> List[Tuple[str, bool]]:
     """The paper's Table 1/2 findings, checked on our numbers (``results[defence]``
     has ``phi``, ``clean_acc``, ``pgd_acc``). Only findings whose defences were run."""
     out: List[Tuple[str, bool]] = []
+    results = {d: r for d, r in results.items() if d in PAPER_DEFENCES}
     have = set(results)
     pgd = {d: r["pgd_acc"] for d, r in results.items()}
     phi = {d: r["phi"] for d, r in results.items()}
@@ -153,6 +157,8 @@ def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[s
             "paper_defence": p.label if p else "", "paper_phi": p.phi if p else "",
             "paper_clean_acc": p.clean if p else "", "paper_pgd_acc": p.pgd if p else "",
             "worst_case_acc": round(r["worst_case_acc"], 2) if "worst_case_acc" in r else "",
+            "attack_flat": round(r["attack_flat"], 3) if "attack_flat" in r else "",
+            "anisotropy": round(r["anisotropy"], 2) if "anisotropy" in r else "",
             "train_time_s": round(train_times[spec.name], 1), "eval_time_s": r.get("eval_time_s", ""),
         })
     buf = io.StringIO()
@@ -164,16 +170,19 @@ def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[s
     lines = [f"# fastland reproduce {setting}", "",
              f"{st.model} on {st.dataset}, {specs[0].config.epochs} epochs "
              f"(paper: 200; {st.table}). Ours first, the paper's in parentheses.", "",
-             "| Defence | Φ (flatness ↑) | Clean acc. % ↑ | PGD acc. % ↑ | worst case % ↑ | train time |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| Defence | Φ (flatness ↑) | Clean acc. % ↑ | PGD acc. % ↑ | worst case % ↑ "
+             "| Φ_FGSM (flatness along FGSM ↑) | anisotropy | train time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row, spec in zip(rows, specs):
         p = st.paper.get(spec.config.defence) if spec.main else None
         paren = (lambda v: f" ({v})") if p else (lambda v: "")
         wc = f"{row['worst_case_acc']:.2f}" if row["worst_case_acc"] != "" else "—"
+        af = f"{row['attack_flat']:.3f}" if row["attack_flat"] != "" else "—"
+        an = f"{row['anisotropy']:.2f}" if row["anisotropy"] != "" else "—"
         lines.append(
             f"| {row['defence']} | {row['phi']:.1f} ± {row['phi_stderr']:.1f}{paren(p.phi if p else '')} "
             f"| {row['clean_acc']:.2f}{paren(p.clean if p else '')} | {row['pgd_acc']:.2f}{paren(p.pgd if p else '')} "
-            f"| {wc} | {row['train_time_s'] / 60:.1f} min |")
+            f"| {wc} | {af} | {an} | {row['train_time_s'] / 60:.1f} min |")
     lines += _strong_lines(specs, results)
     main_results = {spec.config.defence: results[spec.name] for spec in specs if spec.main}
     lines += ["", "Findings of the paper, checked on our numbers:", ""]
@@ -214,7 +223,9 @@ def _eval_text(s: EvalSettings) -> str:
     return (f"PGD-{s.steps} L∞ ε={s.eps * 255:.3g}/255 α={s.alpha * 255:.3g}/255 with random start on "
             f"{n(s.n_pgd)} test images; clean accuracy on {n(s.n_clean)}; Φ = {s.reduction} of AMS scores over a "
             f"{points}×{points} grid of half-width {span * 255:.3g}/255 along {dirs} random signed direction "
-            f"pair(s), averaged over pairs, on {n(s.n_phi)} test images."
+            f"pair(s), averaged over pairs, on {n(s.n_phi)} test images. Φ_FGSM (fastland.attack_flatness) = "
+            f"−mean |Δlog p| along the FGSM direction over 9 points of [−16/255, 16/255] on the same images; "
+            f"anisotropy = that steepness over the steepness along 4 random signed directions."
             + (f" Strong evaluation on {n(s.n_strong)} test images: APGD-CE and APGD-T ({s.strong_steps} steps), "
                f"Square ({s.n_queries} queries), at the same ε." if s.attack == "strong" else ""))
 
@@ -240,7 +251,7 @@ def reproduce(
     out: str | Path,
     *,
     epochs: int = 200,
-    defences: Sequence[str] = DEFENCES,
+    defences: Sequence[str] = PAPER_DEFENCES,
     eval_settings: Optional[EvalSettings] = None,
     train_size: Optional[int] = None,
     batch_size: int = 128,
