@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastland.testing import BACKENDS, num_threads, skip_if_unavailable  # noqa: E402
+from fastland.testing import BACKENDS, devices, num_threads  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -15,16 +15,25 @@ def _seed():
     yield
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch) -> str:
-    """Each kernel backend in turn, forced for the test (``fastland.ops.forced_backend``),
-    skipped where it cannot run."""
-    from fastland import ops
+# (backend, device): every backend on CPU (Triton under the interpreter), Triton and the
+# reference on CUDA where present.
+KERNEL_CASES = [(b, d) for d in devices() for b in BACKENDS if not (b == "cpp" and d.type != "cpu")]
 
-    skip_if_unavailable(request.param)
-    monkeypatch.setenv("FASTLAND_BACKEND", request.param)
-    with ops.forced_backend(request.param):
-        yield request.param
+
+@pytest.fixture(params=KERNEL_CASES, ids=lambda case: f"{case[0]}-{case[1].type}")
+def backend(request) -> str:
+    """Each (backend, device) in turn: the backend forced (``fastland.ops.forced_backend``) and
+    the device made the default one, so each test's tensors live there; skipped where it cannot run."""
+    import torch
+
+    from fastland.ops import backend_refusal, forced_backend
+
+    name, device = request.param
+    reason = backend_refusal(name, device)
+    if reason is not None:
+        pytest.skip(reason)
+    with forced_backend(name), torch.device(device):
+        yield name
 
 
 @pytest.fixture

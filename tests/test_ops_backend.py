@@ -24,21 +24,11 @@ from fastland.ops import (
 from fastland.ops._scaffold import LaunchConfig, ops, pick_config
 from fastland.ops.utils import triton_available
 from fastland.reference import grid_combine_ref, grid_relative_loglik_ref, weighted_projection_ref
-from fastland.testing import devices, skip_if_unavailable
+from fastland.testing import skip_if_unavailable
 
 OP_MODULES = ("weighted_projection", "grid_combine", "grid_relative_loglik")
-KERNEL_CASES = [(b, d) for d in devices() for b in ("cpp", "triton", "reference") if not (b == "cpp" and d.type != "cpu")]
 
 
-@pytest.fixture(params=KERNEL_CASES, ids=lambda case: f"{case[0]}-{case[1].type}")
-def backend(request) -> str:
-    """Each (backend, device) in turn: the backend forced, the device the default one."""
-    name, device = request.param
-    reason = backend_refusal(name, device)
-    if reason is not None:
-        pytest.skip(reason)
-    with forced_backend(name), torch.device(device):
-        yield name
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from fastland.ops import backend_refusal, forced_backend, grid_combine, grid_combine_backward
+from fastland.ops import grid_combine, grid_combine_backward
 from fastland.reference import grid_combine_backward_ref, grid_combine_ref
-from fastland.testing import assert_close_to_reference, devices, tolerance
+from fastland.testing import assert_close_to_reference, tolerance
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -25,20 +25,8 @@ COMBINE_FULL = [(n, g, s) for n, g, s in itertools.product((1, 3), (1, 5, 441), 
 COMBINE_TRITON = [(1, 1, (7,)), (3, 5, (3, 5, 5)), (2, 441, (3,))]
 
 
-# (backend, device): every backend on CPU (Triton under the interpreter), Triton and the
-# reference on CUDA where present. The fixture forces the backend (FASTLAND_BACKEND) and
-# makes the device the default one, so each test's tensors live there.
-KERNEL_CASES = [(b, d) for d in devices() for b in ("cpp", "triton", "reference") if not (b == "cpp" and d.type != "cpu")]
 
 
-@pytest.fixture(params=KERNEL_CASES, ids=lambda case: f"{case[0]}-{case[1].type}")
-def backend(request) -> str:
-    name, device = request.param
-    reason = backend_refusal(name, device)
-    if reason is not None:
-        pytest.skip(reason)
-    with forced_backend(name), torch.device(device):
-        yield name
 
 
 def _combine_inputs(N, G, S, dtype, requires_grad=False):

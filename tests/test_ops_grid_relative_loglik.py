@@ -11,9 +11,9 @@ import itertools
 import pytest
 import torch
 
-from fastland.ops import backend_refusal, forced_backend, grid_relative_loglik
+from fastland.ops import grid_relative_loglik
 from fastland.reference import grid_relative_loglik_backward_ref, grid_relative_loglik_ref
-from fastland.testing import assert_close_to_reference, devices, skip_if_unavailable, tolerance
+from fastland.testing import assert_close_to_reference, skip_if_unavailable, tolerance
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -21,20 +21,8 @@ DTYPES = (torch.float32, torch.float64)
 LOGLIK_FULL = list(itertools.product((1, 7), (1, 5, 441), (1, 3, 10, 100, 1000)))
 LOGLIK_TRITON = [(1, 1, 1), (7, 5, 3), (2, 441, 10), (3, 5, 100), (1, 5, 1000)]
 
-# (backend, device): every backend on CPU (Triton under the interpreter), Triton and the
-# reference on CUDA where present. The fixture forces the backend (FASTLAND_BACKEND) and
-# makes the device the default one, so each test's tensors live there.
-KERNEL_CASES = [(b, d) for d in devices() for b in ("cpp", "triton", "reference") if not (b == "cpp" and d.type != "cpu")]
 
 
-@pytest.fixture(params=KERNEL_CASES, ids=lambda case: f"{case[0]}-{case[1].type}")
-def backend(request) -> str:
-    name, device = request.param
-    reason = backend_refusal(name, device)
-    if reason is not None:
-        pytest.skip(reason)
-    with forced_backend(name), torch.device(device):
-        yield name
 
 
 # --------------------------------------------------------------------------- grid_relative_loglik

@@ -12,9 +12,9 @@ import itertools
 import pytest
 import torch
 
-from fastland.ops import backend_refusal, forced_backend, weighted_projection
+from fastland.ops import weighted_projection
 from fastland.reference import weighted_projection_backward_ref, weighted_projection_ref
-from fastland.testing import assert_close_to_reference, devices, tolerance
+from fastland.testing import assert_close_to_reference, tolerance
 
 DTYPES = (torch.float32, torch.float64)
 # (B, C, P): every value of each axis of the size grid, capped at 60k elements per
@@ -24,20 +24,8 @@ LARGE_CASE = (513, 1000, 4)
 TRITON_GRID = [(1, 1, 1), (7, 3, 4), (513, 10, 4), (7, 100, 1), (7, 1000, 4)]
 
 
-# (backend, device): every backend on CPU (Triton under the interpreter), Triton and the
-# reference on CUDA where present. The fixture forces the backend (FASTLAND_BACKEND) and
-# makes the device the default one, so each test's tensors live there.
-KERNEL_CASES = [(b, d) for d in devices() for b in ("cpp", "triton", "reference") if not (b == "cpp" and d.type != "cpu")]
 
 
-@pytest.fixture(params=KERNEL_CASES, ids=lambda case: f"{case[0]}-{case[1].type}")
-def backend(request) -> str:
-    name, device = request.param
-    reason = backend_refusal(name, device)
-    if reason is not None:
-        pytest.skip(reason)
-    with forced_backend(name), torch.device(device):
-        yield name
 
 
 def _cases(backend: str, large: bool = False):
