@@ -137,3 +137,48 @@ def tiny_bn_cnn(in_channels: int = 1, n_classes: int = 3, size: int = 6) -> nn.M
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.2, 0.2)
     return m
+
+
+def fitted_tiny_cnn(n_classes: int, shape: Tuple[int, ...] = (1, 8, 8), n: int = 256, steps: int = 60
+                    ) -> Tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A :func:`tiny_cnn` fitted in well under a second to a synthetic ``n_classes`` set (full batch, Adam).
+
+    Returns ``(model in eval mode, x [n, *shape], y [n])``; the attacks' tests share it.
+    """
+    from .data import synthetic_dataset
+
+    torch.manual_seed(0)
+    x, y = synthetic_dataset(n, shape, n_classes, seed=0).tensors
+    model = tiny_cnn(shape[0], n_classes, size=shape[-1])
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    with num_threads(1):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval(), x, y
+
+
+class Round(nn.Module):
+    """``round(x·k)/k``: the gradient is zero almost everywhere (masked, not robust)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * self.k) / self.k
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of ``x [B, *S]`` that ``model`` classifies as ``y [B]``."""
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def assert_in_ball_and_box(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> None:
+    """``x_adv`` within the L∞ ball of radius ``eps`` around ``x`` (up to rounding) and inside ``[0, 1]``."""
+    slack = 4 * torch.finfo(x.dtype).eps  # (x + eps) - x may round one ulp above eps
+    assert (x_adv - x).abs().max().item() <= eps + slack
+    assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0

@@ -3,7 +3,6 @@ reference loop of the paper's Algorithm 1, strength (undefended at ε = 0.5; tor
 an oracle), the model left alone, and bad inputs."""
 from __future__ import annotations
 
-import math
 from typing import List
 
 import pytest
@@ -13,8 +12,7 @@ from torch import nn
 
 from fastland import attacks
 from fastland.attacks.apgd import apgd_attack, apgd_targeted_attack, checkpoints
-from fastland.data import synthetic_dataset
-from fastland.testing import devices, num_threads, tiny_bn_cnn, tiny_cnn
+from fastland.testing import fitted_tiny_cnn, accuracy, assert_in_ball_and_box, devices, tiny_bn_cnn, tiny_cnn
 
 SHAPE, N_CLASSES = (1, 8, 8), 5
 
@@ -23,29 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained() -> tuple:
-    """A tiny CNN fitted in ~0.3 s to a synthetic 5-class set (clean accuracy 1.0)."""
-    torch.manual_seed(0)
-    x, y = synthetic_dataset(256, SHAPE, N_CLASSES, seed=0).tensors
-    model = tiny_cnn(1, N_CLASSES, size=8)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    with num_threads(1):
-        for _ in range(60):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval(), x, y
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def assert_in_ball_and_box(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> None:
-    slack = 4 * torch.finfo(x.dtype).eps
-    assert (x_adv - x).abs().max().item() <= eps + slack
-    assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
+    """A tiny CNN fitted to a synthetic set (clean accuracy checked where it matters)."""
+    return fitted_tiny_cnn(N_CLASSES, SHAPE)
 
 
 def run(kind: str, model, x, y, eps, **kw):

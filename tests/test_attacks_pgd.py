@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastland import attacks
-from fastland.data import synthetic_dataset
-from fastland.testing import devices, num_threads, tiny_bn_cnn, tiny_cnn
+from fastland.testing import fitted_tiny_cnn, accuracy, assert_in_ball_and_box, devices, tiny_bn_cnn, tiny_cnn
 
 SHAPE = (1, 8, 8)
 N_CLASSES = 4
@@ -23,29 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained() -> tuple:
-    """A tiny CNN fitted to a synthetic set (clean accuracy checked in the test that uses it)."""
-    torch.manual_seed(0)
-    x, y = synthetic_dataset(256, SHAPE, N_CLASSES, seed=0).tensors
-    model = tiny_cnn(1, N_CLASSES, size=8)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    with num_threads(1):  # set up before the function-scoped one_thread
-        for _ in range(60):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval(), x, y
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def assert_in_ball_and_box(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> None:
-    slack = 4 * torch.finfo(x.dtype).eps  # (x + eps) - x may round one ulp above eps
-    assert (x_adv - x).abs().max().item() <= eps + slack
-    assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
+    """A tiny CNN fitted to a synthetic set (clean accuracy checked where it matters)."""
+    return fitted_tiny_cnn(N_CLASSES, SHAPE)
 
 
 # --------------------------------------------------------------------------- invariants

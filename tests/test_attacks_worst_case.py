@@ -7,13 +7,11 @@ from typing import List
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastland import attacks
 from fastland.attacks import MISCLASSIFIED_CLEAN, SURVIVED, WorstCase, masking_flags, worst_case
-from fastland.data import synthetic_dataset
-from fastland.testing import num_threads, tiny_cnn
+from fastland.testing import fitted_tiny_cnn, Round, accuracy, tiny_cnn
 
 SHAPE, N_CLASSES = (1, 8, 8), 5
 FAST = dict(steps=10, n_queries=100)
@@ -23,34 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained() -> tuple:
-    """A tiny CNN fitted in ~0.3 s to a synthetic 5-class set (clean accuracy 1.0)."""
-    torch.manual_seed(0)
-    x, y = synthetic_dataset(256, SHAPE, N_CLASSES, seed=0).tensors
-    model = tiny_cnn(1, N_CLASSES, size=8)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    with num_threads(1):
-        for _ in range(60):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval(), x, y
-
-
-class Round(nn.Module):
-    """``round(x·k)/k``: zero gradient almost everywhere."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x * self.k) / self.k
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+    """A tiny CNN fitted to a synthetic set (clean accuracy checked where it matters)."""
+    return fitted_tiny_cnn(N_CLASSES, SHAPE)
 
 
 def gen(seed: int = 0) -> torch.Generator:
