@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .._checks import check_in_unit_box, check_same_device, check_tensor
 from .._checks import check_model_dtype
 from .._grid import check_logits, module_mode
+from .._progress import progress_bar
 
 __all__ = ["fgsm", "pgd", "MODES"]
 
@@ -164,7 +165,7 @@ def pgd(
             ``"train"`` (as in Madry et al.'s adversarial training; BatchNorm
             running statistics are then updated by the attack's forward passes),
             or ``"keep"`` the model's current mode. Restored afterwards.
-        progress: show a tqdm bar over the steps.
+        progress: show a progress bar over the steps (the library is quiet by default).
     Returns:
         ``x_adv`` ``[B, *S]``, detached, same dtype and device as ``x``, with
         ``|x_adv - x| ≤ eps`` and ``0 ≤ x_adv ≤ 1`` entrywise.
@@ -177,13 +178,11 @@ def pgd(
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     x = x.detach()
     x_adv = _project(_uniform_start(x, eps, generator), x, eps) if random_start else x.clone()
-    step_iter = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        step_iter = tqdm(step_iter, desc="pgd", leave=False)
+    bar = progress_bar(steps, "pgd", progress, unit="step")
     with attack_mode(model, mode):
-        for t in step_iter:
+        for t in range(steps):
             grad = _input_gradient(model, x_adv, y, first=t == 0)
             x_adv = _project(x_adv + alpha * grad.sign(), x, eps)
+            bar.update(1)
+    bar.close()
     return x_adv

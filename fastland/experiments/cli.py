@@ -147,7 +147,7 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<defence>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its saved settings (flags given with it must agree)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run of other settings in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (without --resume: start it afresh)")
     p.add_argument("--stop-after", type=_positive_int, default=None, help=argparse.SUPPRESS)
     _add_data_options(p)
     _add_run_options(p)
