@@ -213,3 +213,22 @@ def test_resume_without_a_checkpoint_says_so_and_starts_afresh(tmp_path, capsys)
     assert rc == 0
     assert f"no checkpoint in {run}; starting a fresh run" in err
     assert _last_json(out)["complete"]
+
+
+def test_a_run_saved_before_a_config_field_existed_still_matches(tmp_path):
+    """A field added to TrainConfig later (its default in force) must not make an old run 'other settings'."""
+    import json as _json
+
+    from fastland.experiments.config import TrainConfig
+    from fastland.experiments.train import train
+
+    c = TrainConfig(dataset="synthetic", epochs=1, train_size=32, batch_size=16, synthetic_shape=(1, 12, 12),
+                    synthetic_classes=3, model="lenet")
+    r = train(c, tmp_path / "old", progress=False, eval_test=False)
+    assert r.complete
+    cfg_path = tmp_path / "old" / "config.json"
+    saved = _json.loads(cfg_path.read_text())
+    saved.pop("variant")  # as written before the field existed
+    cfg_path.write_text(_json.dumps(saved))
+    again = train(c, tmp_path / "old", progress=False, eval_test=False, resume=True)
+    assert again.complete and again.epochs_done == 1

@@ -80,6 +80,11 @@ class TrainConfig:
         return d
 
     @classmethod
+    def normalise(cls, d: Dict[str, Any]) -> Dict[str, Any]:
+        """A saved config in the current format (fields added since it was written take their defaults)."""
+        return cls.from_dict(d).to_dict()
+
+    @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)

@@ -26,7 +26,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 __all__ = ["CHECKPOINT", "FINAL", "METRICS", "CONFIG", "EVAL", "LOCK", "RunFileError", "RunFolderBusy",
            "locked", "check_writable", "load_run_file", "saved_config", "check_folder", "clear_run",
@@ -173,16 +173,21 @@ def clear_run(folder: Path) -> None:
         (folder / f).unlink(missing_ok=True)
 
 
-def check_folder(folder: Path, config: Dict[str, Any], *, overwrite: bool = False) -> None:
+def check_folder(folder: Path, config: Dict[str, Any], *, overwrite: bool = False,
+                 normalise: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> None:
     """Refuse a folder whose files were written with settings other than ``config``.
 
     With ``overwrite`` those files are removed instead (the user asked to replace the run).
+    ``normalise`` maps a saved config to the current format first (e.g. a field added since
+    it was written takes its default), so that an older run of the same settings still matches.
     """
     sources = [(CONFIG, saved_config(folder))]
     for name in (CHECKPOINT, FINAL):
         if (folder / name).exists():
             sources.append((name, load_run_file(folder / name)["config"]))
     for name, saved in sources:
+        if saved is not None and normalise is not None:
+            saved = normalise(saved)
         if saved is not None and saved != config:
             if overwrite:
                 clear_run(folder)

@@ -152,7 +152,7 @@ def fit(
     with locked(out_dir):
         if overwrite and not resume:
             clear_run(out_dir)  # a fresh run replaces whatever the folder holds, even unreadable files
-        check_folder(out_dir, c.to_dict(), overwrite=overwrite)
+        check_folder(out_dir, c.to_dict(), overwrite=overwrite, normalise=TrainConfig.normalise)
         if (out_dir / FINAL).exists() and not (out_dir / CHECKPOINT).exists() and not resume:
             raise FileExistsError(f"out: {out_dir} already holds a finished run; pass --resume (resume=True) "
                                   "to load it, --overwrite to train it again, or choose another folder")
@@ -321,7 +321,7 @@ def train(
     out_dir = Path(out_dir)
     if resume and is_complete(out_dir):
         final = load_run_file(out_dir / FINAL)
-        if final["config"] == c.to_dict():
+        if TrainConfig.normalise(final["config"]) == c.to_dict():
             model = build_model(c)
             model.load_state_dict(final["model"])
             return TrainResult(model.eval(), out_dir, int(final["epochs"]), list(final["metrics"]))
@@ -342,7 +342,7 @@ def load_trained(run_dir: os.PathLike | str, device: str | torch.device = "cpu")
         raise FileNotFoundError(f"run_dir: no {FINAL} or {CHECKPOINT} in {run_dir}; train a model there first")
     state = load_run_file(path)
     saved = saved_config(run_dir)
-    if saved is not None and saved != state["config"]:
+    if saved is not None and TrainConfig.normalise(saved) != TrainConfig.normalise(state["config"]):
         raise RunFileError(f"{path}: written with other settings than {run_dir / CONFIG}; the folder mixes two "
                            "runs, retrain it with --overwrite")
     c = TrainConfig.from_dict(state["config"])
