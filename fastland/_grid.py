@@ -84,8 +84,9 @@ def _budget(device: torch.device) -> int:
     return CPU_BUDGET_BYTES
 
 
-def _probe(model: nn.Module, xp: Tensor, measure: bool) -> Tuple[Tensor, int]:
-    """One forward of ``xp`` ``[k, *S]``: ``(logits [k, C], activation bytes of one sample)``."""
+def _probe(model: nn.Module, x: Tensor, measure: bool) -> Tuple[Tensor, int]:
+    """One forward of ``x[:PROBE_SAMPLES]``: ``(logits [k, C], activation bytes of one sample)``."""
+    xp = x[:PROBE_SAMPLES]
     sizes: List[int] = [xp.numel() * xp.element_size()]
 
     def hook(_m: nn.Module, _inp: object, out: object) -> None:
@@ -96,7 +97,13 @@ def _probe(model: nn.Module, xp: Tensor, measure: bool) -> Tuple[Tensor, int]:
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         with torch.no_grad():
-            logits = check_logits(model(xp), xp)
+            try:
+                out = model(xp)
+            except RuntimeError as e:  # name the user's input, not the probe's slice of it
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"x: the model cannot take inputs of shape {tuple(x.shape)} "
+                                 f"(per sample {tuple(x.shape[1:])}): {first}") from None
+            logits = check_logits(out, xp)
     finally:
         for h in handles:
             h.remove()
@@ -134,7 +141,7 @@ def plan(model: nn.Module, x: Tensor, *, batch_size: Union[int, str], fuse_first
             _fusion_split(model, x[:PROBE_SAMPLES], x.new_empty(0), True)  # raises: nothing to fuse
         return GridPlan(int(batch_size), None, _prefers_channels_last(model, x))  # nothing to measure: no probe
     xp = x[:PROBE_SAMPLES]
-    logits, per_point = _probe(model, xp, measure=batch_size == "auto")
+    logits, per_point = _probe(model, x, measure=batch_size == "auto")
     if batch_size == "auto":
         per_call = int(max(1, min(MAX_AUTO_POINTS, _budget(x.device) // (per_point * (3 if backward else 1)))))
     else:

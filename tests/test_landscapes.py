@@ -202,7 +202,7 @@ def test_bad_models_and_inputs_get_one_short_line():
     with pytest.raises(TypeError, match=r"x: expected dtype torch.float64"):
         landscape(model, x.float())
     # a shape the model cannot take: the user's shape, not an internal probe's
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"x: the model cannot take inputs of shape \(2, 5, 6, 6\)"):
         landscape(model, torch.rand(2, 5, 6, 6, dtype=torch.float64))
 
 

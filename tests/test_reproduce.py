@@ -115,3 +115,14 @@ def test_reproduce_paper_setting_with_missing_data_is_a_clear_error(tmp_path):
 def test_default_out_separates_runs_with_other_training_settings(kwargs, name):
     assert rp.default_out("fmnist-lenet", 20, **kwargs).parts == ("runs", "reproduce", name)
 
+
+
+def test_the_attack_flat_defence_joins_a_reproduction_with_its_variant_and_strength():
+    specs = rp.run_specs("synthetic-lenet", epochs=1, defences=("none", "attack_flat"), variant="directional",
+                         attack_lam=0.3)
+    assert [s.name for s in specs] == ["none", "attack_flat-directional-lam0.3"]
+    c = specs[1].config
+    assert (c.defence, c.variant, c.lam, c.at_eps) == ("attack_flat", "directional", 0.3, pytest.approx(10 / 255))
+    assert "directional" in specs[1].label
+    default = rp.run_specs("synthetic-lenet", epochs=1, defences=("attack_flat",))[0]
+    assert default.name == "attack_flat-difference" and default.config.lam > 0

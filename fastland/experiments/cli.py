@@ -217,6 +217,10 @@ def _reproduce_parser(sub: Any) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="also train AT and Jacobian models of increasing strength (Figs. 2 and 4)")
     p.add_argument("--no-figures", action="store_true", help="tables only (a later run without it draws them)")
+    p.add_argument("--variant", choices=ATTACK_PENALTY_VARIANTS, default="difference",
+                   help="the attack_flat defence's penalty (with --defences ...,attack_flat)")
+    p.add_argument("--attack-lam", type=_nonneg_float, default=None,
+                   help="λ of the attack_flat defence (default: its variant's)")
     _add_eval_options(p, n_phi=1000)
     _add_data_options(p)
     _add_run_options(p)

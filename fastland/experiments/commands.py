@@ -160,7 +160,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     s = _eval_settings(args, CONFIGS[args.setting].dataset, args.seed)
     report = reproduce(args.setting, out, epochs=args.epochs, defences=defences, eval_settings=s,
                        train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, sweep=args.sweep,
-                       figures=not args.no_figures,
+                       variant=args.variant, attack_lam=args.attack_lam, figures=not args.no_figures,
                        data_dir=args.data_dir, download=args.download, device=args.device,
                        progress=not args.no_progress)
     print(f"results: {report}")

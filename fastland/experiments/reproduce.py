@@ -70,9 +70,12 @@ def run_specs(
     batch_size: int = 128,
     seed: int = 0,
     sweep: bool = False,
+    variant: str = "difference",
+    attack_lam: Optional[float] = None,
 ) -> List[RunSpec]:
     """The models of a reproduction: one per defence, plus (``sweep``) AT and
-    Jacobian models at 0.25×, 0.5× and 2× the paper's strength."""
+    Jacobian models at 0.25×, 0.5× and 2× the paper's strength. ``attack_flat``
+    uses penalty ``variant`` with strength ``attack_lam`` (None: its default)."""
     if setting not in CONFIGS:
         raise ValueError(f"setting: expected one of {sorted(CONFIGS)}, got {setting!r}")
     bad = [d for d in defences if d not in DEFENCES]
@@ -83,8 +86,10 @@ def run_specs(
                        seed=seed, train_size=train_size)
     specs = []
     for d in defences:
-        c = TrainConfig(**{**asdict(base), "defence": d}).resolved()
-        specs.append(RunSpec(d, _label(c), c, True))
+        extra = {"variant": variant, "lam": attack_lam} if d == "attack_flat" else {}
+        c = TrainConfig(**{**asdict(base), "defence": d, **extra}).resolved()
+        name = d if d != "attack_flat" else f"{d}-{variant}" + ("" if attack_lam is None else f"-lam{attack_lam:g}")
+        specs.append(RunSpec(name, _label(c), c, True))
     if sweep:
         ps = paper_settings(st.dataset)
         for f in SWEEP_FACTORS:
@@ -103,7 +108,7 @@ def _evaluate_run(
     settings = json.loads(json.dumps(asdict(s)))
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("settings") == settings:
+        if cached.get("settings") == settings and _has_every_measure(cached, s):
             return cached
     t0 = time.perf_counter()
     res = evaluate(model, *test, s, progress=progress)
@@ -111,6 +116,14 @@ def _evaluate_run(
     res["settings"] = settings
     atomic_write_text(path, json.dumps(res, indent=2) + "\n")
     return res
+
+
+def _has_every_measure(res: Dict[str, Any], s: EvalSettings) -> bool:
+    """Whether a cached ``eval.json`` holds every measure this version reports (else it is recomputed)."""
+    need = {"clean_acc", "pgd_acc", "phi", "attack_flat", "anisotropy"}
+    if s.attack == "strong":
+        need |= {"worst_case_acc", "masking_flags"}
+    return need <= set(res)
 
 
 def findings(results: Dict[str, Dict[str, Any]]) -> List[Tuple[str, bool]]:
@@ -257,6 +270,8 @@ def reproduce(
     batch_size: int = 128,
     seed: int = 0,
     sweep: bool = False,
+    variant: str = "difference",
+    attack_lam: Optional[float] = None,
     figures: bool = True,
     figure_points: Optional[int] = None,
     data_dir: Optional[str] = None,
@@ -274,7 +289,8 @@ def reproduce(
     """
     out = Path(out)
     specs = run_specs(setting, epochs=epochs, defences=defences, train_size=train_size,
-                      batch_size=batch_size, seed=seed, sweep=sweep)
+                      batch_size=batch_size, seed=seed, sweep=sweep,
+                      variant=variant, attack_lam=attack_lam)
     st = CONFIGS[setting]
     s = eval_settings or default_eval_settings(st.dataset)
     test = load_data(specs[0].config, "test", data_dir=data_dir, download=download)
