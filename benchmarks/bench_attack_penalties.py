@@ -59,7 +59,7 @@ def test_step(benchmark, batch, case):
     def step() -> float:
         return float(train_step(model, *batch, defence, opt, generator=gen, params=params)[0].detach())
 
-    benchmark.group = "attack-penalties-step-lenet-b128"
+    benchmark.group = "attackflat-step-lenet-b128"
     if case == "ce":
         benchmark.extra_info["baseline"] = True
     assert torch.isfinite(torch.tensor(benchmark(step)))
