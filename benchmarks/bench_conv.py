@@ -5,9 +5,9 @@ Groups (``off`` is each group's baseline; LeNet-5 and DDNet, Fashion-MNIST shape
 * ``conv-step-<model>-<defence>``: one ``fastland.train_step`` per defence
   (``none``, ``at`` = PGD-10, ``jacobian``, ``amsreg``; batch 128);
 * ``conv-pgd10-<model>``: ``fastland.attacks.pgd``, 10 steps, batch 128;
-* ``conv-flatness-<model>``: ``fastland.flatness`` on 32 images (paper grid);
-  ``on+adjoint`` also routes the fused first layer's adjoint (the library's
-  ``_fusion`` module) through :func:`fastland.fast_conv.conv_input_grad`;
+* ``conv-flatness-<model>``: ``fastland.flatness`` on 32 images (paper grid); ``off``
+  also takes the fused first layer's adjoint with ``torch.nn.grad.conv{n}d_input`` (as the
+  library did before), ``on`` is the library's default (:func:`fastland.fast_conv.conv_input_grad`);
 * ``conv-penalty-lenet``: a plain CE step (baseline) vs CE + AMSReg with
   ``n_proj`` 1 and 8 and ``estimator="exact"``, path on;
 * ``conv-pgd-torchattacks-lenet``: torchattacks' PGD on the plain model (baseline) and
@@ -63,20 +63,24 @@ def data() -> tuple:
 
 
 def _model(name: str, path: str) -> nn.Module:
-    """A seeded fastland model with the path on (``on``, ``on+adjoint``) or removed (``off``)."""
+    """A seeded fastland model with the path on (``on``) or removed (``off``)."""
     torch.manual_seed(0)
     m = models.create(name, "fmnist")
     return fast_conv.apply(m) if path.startswith("on") else fast_conv.remove(m)
 
 
+_TORCH_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+
+
 @contextlib.contextmanager
 def _adjoint(path: str) -> Iterator[None]:
-    """For ``on+adjoint``: the fused first layer's adjoint through ``fast_conv.conv_input_grad``."""
-    if path != "on+adjoint":
+    """For ``off``: the fused first layer's adjoint through torch's own ``conv{n}d_input`` (the
+    library's default is ``fast_conv.conv_input_grad``)."""
+    if path != "off":
         yield
         return
     saved = dict(_fusion._CONV_INPUT_GRAD)
-    _fusion._CONV_INPUT_GRAD.update({n: fast_conv.conv_input_grad for n in saved})
+    _fusion._CONV_INPUT_GRAD.update(_TORCH_INPUT_GRAD)
     try:
         yield
     finally:
@@ -112,7 +116,7 @@ def test_pgd(benchmark, data, name, path):
     _run(benchmark, f"conv-pgd{STEPS}-{name}", path, attack)
 
 
-@pytest.mark.parametrize("path", ["off", "on", "on+adjoint"])
+@pytest.mark.parametrize("path", ["off", "on"])
 @pytest.mark.parametrize("name", MODELS)
 def test_flatness(benchmark, data, name, path):
     model = _model(name, path).eval()
