@@ -1,0 +1,254 @@
+"""The spec, kernels and autograd Functions behind :mod:`fastland.fast_conv`.
+
+A convolution's input gradient ``Aᵀ g`` by the ``"flip"`` route (a stride-1 conv of ``g``
+with the flipped, transposed kernel) or the ``"native"`` one (PyTorch's own
+``convolution_backward``), both with oneDNN off for that one call; the forward and the
+weight gradient stay oneDNN's. Three ``autograd.Function`` s built from each other, so the
+backward is differentiable to any order. Shapes as in :mod:`fastland.fast_conv`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["FLIP_MAX_OUT_CHANNELS", "ConvSpec", "make_spec", "route", "conv_fn", "input_grad", "weight_grad"]
+
+# 2-D "flip" beats "native" for few output channels (LeNet's 6: 1.6 vs 3.1 ms), loses for 32 and more.
+FLIP_MAX_OUT_CHANNELS = 16
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A convolution's geometry: ``stride``, ``padding`` (explicit, zero), ``dilation`` as
+    ``n`` ints each (``n`` = 1, 2 or 3 spatial dims), and ``groups``."""
+
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    groups: int = 1
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dims ``n``."""
+        return len(self.stride)
+
+
+def _tuple(name: str, value: Union[int, Sequence[int]], n: int) -> Tuple[int, ...]:
+    """``value`` as ``n`` ints (an int is repeated)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * n
+    out = tuple(value)
+    if len(out) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+        raise ValueError(f"{name}: expected an int or {n} ints, got {value!r}")
+    return out
+
+
+def make_spec(n: int, stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
+              dilation: Union[int, Sequence[int]] = 1, groups: int = 1) -> ConvSpec:
+    """A validated :class:`ConvSpec` for ``n`` spatial dims (``padding`` explicit ints)."""
+    spec = ConvSpec(_tuple("stride", stride, n), _tuple("padding", padding, n),
+                    _tuple("dilation", dilation, n), groups)
+    for name, values, low in (("stride", spec.stride, 1), ("padding", spec.padding, 0),
+                              ("dilation", spec.dilation, 1)):
+        if min(values) < low:
+            raise ValueError(f"{name}: expected ints >= {low}, got {values}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    return spec
+
+
+# --------------------------------------------------------------------------- the kernels
+
+
+@contextlib.contextmanager
+def _onednn_off() -> Iterator[None]:
+    """oneDNN disabled for the calls inside (a process-wide flag, restored on exit)."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
+def route(weight: Tensor, spec: ConvSpec) -> str:
+    """The input-gradient route for ``weight`` ``[O, C/groups, *k]`` and ``spec``: ``"flip"`` or ``"native"``.
+
+    ``"flip"`` needs a 2-D conv, stride 1, one group and ``p <= d·(k−1)``, and is chosen for at most
+    :data:`FLIP_MAX_OUT_CHANNELS` output channels; ``"native"`` handles the rest.
+    """
+    k = weight.shape[2:]
+    flip_ok = (
+        spec.ndim == 2  # 1-D and 3-D flipped convolutions without oneDNN were measured slower
+        and spec.groups == 1
+        and all(s == 1 for s in spec.stride)
+        and all(d * (kk - 1) >= p for d, kk, p in zip(spec.dilation, k, spec.padding))
+        and weight.shape[0] <= FLIP_MAX_OUT_CHANNELS
+    )
+    return "flip" if flip_ok else "native"
+
+
+def _input_grad_kernel(g: Tensor, w: Tensor, input_shape: Sequence[int], spec: ConvSpec) -> Tensor:
+    """``Aᵀ g``: ``g`` ``[B, O, *H']``, ``w`` ``[O, C/groups, *k]`` → ``[B, C, *H]`` (no autograd)."""
+    if route(w, spec) == "flip":
+        n = spec.ndim
+        wt = w.transpose(0, 1).flip(list(range(2, 2 + n)))
+        pad = [d * (kk - 1) - p for d, kk, p in zip(spec.dilation, w.shape[2:], spec.padding)]
+        with _onednn_off():
+            return torch.ops.aten.convolution(g, wt, None, [1] * n, pad, list(spec.dilation),
+                                              False, [0] * n, 1)
+    with _onednn_off():
+        return _input_grad_d(g, w, input_shape, spec, native=True)
+
+
+def _weight_grad_kernel(x: Tensor, g: Tensor, weight_shape: Sequence[int], spec: ConvSpec) -> Tensor:
+    """``∂⟨conv(x, w), g⟩/∂w``: ``x`` ``[B, C, *H]``, ``g`` ``[B, O, *H']`` → ``[O, C/groups, *k]``."""
+    w_like = g.new_empty(1).expand(tuple(weight_shape))
+    return torch.ops.aten.convolution_backward(
+        g, x, w_like, None, list(spec.stride), list(spec.padding), list(spec.dilation),
+        False, [0] * spec.ndim, spec.groups, [False, True, False])[1]
+
+
+def _conv_kernel(x: Tensor, w: Tensor, b: Optional[Tensor], spec: ConvSpec) -> Tensor:
+    """The ordinary convolution ``[B, C, *H]`` → ``[B, O, *H']``."""
+    n = spec.ndim
+    return torch.ops.aten.convolution(x, w, b, list(spec.stride), list(spec.padding),
+                                      list(spec.dilation), False, [0] * n, spec.groups)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _engine_needs(ctx: Any, i: int) -> bool:
+    """Whether the running backward will use the gradient of input ``i`` (``ctx.needs_input_grad``
+    is static: an ``autograd.grad(loss, x)`` would otherwise also pay for the weight gradient)."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    try:
+        node = ctx.next_functions[i][0]
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # no engine running (vmap, functorch) or an older torch
+        return True
+
+
+def _batched(*ts: Tensor) -> bool:
+    """True for a vmapped tensor (the legacy vmap of ``autograd.grad(..., is_grads_batched=True)``
+    or a ``torch.func`` transform): there a Function's outputs would not join the outer autograd
+    graph, so the backward uses plain aten ops, which autograd differentiates itself."""
+    f = torch._C._functorch
+    try:
+        return f.maybe_current_level() is not None or any(
+            bool(f.is_legacy_batchedtensor(t) or f.is_batchedtensor(t)) for t in ts)
+    except AttributeError:  # pragma: no cover - an older torch
+        return False
+
+
+def _conv_d(x: Tensor, w: Tensor, spec: ConvSpec, native: bool) -> Tensor:
+    """Differentiable ``conv(x, w)`` (no bias): by aten itself when ``native``, else :func:`conv_fn`."""
+    return _conv_kernel(x, w, None, spec) if native else conv_fn(x, w, None, spec)
+
+
+def _input_grad_d(g: Tensor, w: Tensor, shape: Sequence[int], spec: ConvSpec, native: bool) -> Tensor:
+    """Differentiable ``Aᵀ g``: by ``aten.convolution_backward`` when ``native``, else :func:`input_grad`."""
+    if not native:
+        return input_grad(g, w, shape, spec)
+    return torch.ops.aten.convolution_backward(
+        g, g.new_empty(1).expand(tuple(shape)), w, None, list(spec.stride), list(spec.padding),
+        list(spec.dilation), False, [0] * spec.ndim, spec.groups, [True, False, False])[0]
+
+
+def _weight_grad_d(x: Tensor, g: Tensor, shape: Sequence[int], spec: ConvSpec, native: bool) -> Tensor:
+    """Differentiable weight gradient: by aten when ``native``, else :func:`weight_grad`."""
+    return _weight_grad_kernel(x, g, shape, spec) if native else weight_grad(x, g, shape, spec)
+
+
+class _Conv(torch.autograd.Function):
+    """``conv(x, w, b)`` whose backward takes the fast input-gradient route."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Optional[Tensor], spec: ConvSpec) -> Tensor:
+        return _conv_kernel(x, w, b, spec)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        x, w, b, spec = inputs
+        ctx.save_for_backward(x, w)
+        ctx.spec, ctx.has_bias = spec, b is not None
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
+        x, w = ctx.saved_tensors
+        native = _batched(g, x)
+        gx = _input_grad_d(g, w, x.shape, ctx.spec, native) if _engine_needs(ctx, 0) else None
+        gw = _weight_grad_d(x, g, w.shape, ctx.spec, native) if _engine_needs(ctx, 1) else None
+        gb = g.sum(dim=[0, *range(2, g.dim())]) if ctx.has_bias and _engine_needs(ctx, 2) else None
+        return gx, gw, gb, None
+
+
+class _InputGrad(torch.autograd.Function):
+    """``Aᵀ g`` as a function of ``(g, w)``: VJP ``c ↦ (conv(c, w), weight_grad(c, g))``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor, w: Tensor, input_shape: Tuple[int, ...], spec: ConvSpec) -> Tensor:
+        return _input_grad_kernel(g, w, input_shape, spec)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        g, w, _, spec = inputs
+        ctx.save_for_backward(g, w)
+        ctx.spec = spec
+
+    @staticmethod
+    def backward(ctx: Any, c: Tensor) -> Tuple[Optional[Tensor], ...]:
+        g, w = ctx.saved_tensors
+        native = _batched(c, g)
+        dg = _conv_d(c, w, ctx.spec, native) if _engine_needs(ctx, 0) else None
+        dw = _weight_grad_d(c, g, w.shape, ctx.spec, native) if _engine_needs(ctx, 1) else None
+        return dg, dw, None, None
+
+
+class _WeightGrad(torch.autograd.Function):
+    """``∂⟨conv(x, w), g⟩/∂w`` as a function of ``(x, g)``: VJP ``c ↦ (input_grad(g, c), conv(x, c))``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, g: Tensor, weight_shape: Tuple[int, ...], spec: ConvSpec) -> Tensor:
+        return _weight_grad_kernel(x, g, weight_shape, spec)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        x, g, _, spec = inputs
+        ctx.save_for_backward(x, g)
+        ctx.spec = spec
+
+    @staticmethod
+    def backward(ctx: Any, c: Tensor) -> Tuple[Optional[Tensor], ...]:
+        x, g = ctx.saved_tensors
+        native = _batched(c, x, g)
+        dx = _input_grad_d(g, c, x.shape, ctx.spec, native) if _engine_needs(ctx, 0) else None
+        dg = _conv_d(x, c, ctx.spec, native) if _engine_needs(ctx, 1) else None
+        return dx, dg, None, None
+
+
+def conv_fn(x: Tensor, w: Tensor, b: Optional[Tensor], spec: ConvSpec) -> Tensor:
+    """Differentiable ``conv(x, w, b)``: ``[B, C, *H]``, ``[O, C/groups, *k]``, ``[O]`` → ``[B, O, *H']``."""
+    return _Conv.apply(x, w, b, spec)
+
+
+def input_grad(g: Tensor, w: Tensor, input_shape: Sequence[int], spec: ConvSpec) -> Tensor:
+    """Differentiable ``Aᵀ g``: ``g`` ``[B, O, *H']``, ``w`` ``[O, C/groups, *k]`` → ``[B, *input_shape[1:]]``."""
+    return _InputGrad.apply(g, w, tuple(input_shape), spec)
+
+
+def weight_grad(x: Tensor, g: Tensor, weight_shape: Sequence[int], spec: ConvSpec) -> Tensor:
+    """Differentiable weight gradient: ``x`` ``[B, C, *H]``, ``g`` ``[B, O, *H']`` → ``weight_shape``."""
+    return _WeightGrad.apply(x, g, tuple(weight_shape), spec)
