@@ -21,7 +21,6 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops
 from ._fusion import FirstLayerSplit, split_first_layer, verify_split
 
 __all__ = ["CPU_BUDGET_BYTES", "MAX_AUTO_POINTS", "eval_mode", "check_logits", "GridPlan", "plan",
@@ -138,7 +137,7 @@ def plan(model: nn.Module, x: Tensor, *, batch_size: Union[int, str], fuse_first
     check_fuse(fuse_first_layer)
     if batch_size != "auto" and (fuse_first_layer is False or split_first_layer(model) is None):
         if fuse_first_layer is True:
-            _fusion_split(model, x[:PROBE_SAMPLES], x.new_empty(0), True)  # raises: nothing to fuse
+            raise _unfusable(model)
         return GridPlan(int(batch_size), None, _prefers_channels_last(model, x))  # nothing to measure: no probe
     xp = x[:PROBE_SAMPLES]
     logits, per_point = _probe(model, x, measure=batch_size == "auto")
@@ -165,12 +164,16 @@ def _fusion_split(model: nn.Module, xp: Tensor, logits: Tensor, fuse: Union[bool
     with torch.no_grad():
         ok = split is not None and verify_split(split, xp, logits, atol=atol, rtol=rtol)
     if fuse is True and not ok:
-        raise ValueError(
-            "fuse_first_layer: True needs a model whose first layer is affine (an nn.Sequential starting "
-            "with [Normalize, Flatten] Conv/Linear, or a fastland Classifier), got "
-            f"{type(model).__name__} whose structure was not recognised; use 'auto' or False"
-        )
+        raise _unfusable(model)
     return split if ok else None
+
+
+def _unfusable(model: nn.Module) -> ValueError:
+    return ValueError(
+        "fuse_first_layer: True needs a model whose first layer is affine (an nn.Sequential starting "
+        "with [Normalize, Flatten] Conv/Linear, or a fastland Classifier), got "
+        f"{type(model).__name__} whose structure was not recognised; use 'auto' or False"
+    )
 
 
 def flat_grid(alphas: Tensor, betas: Tensor) -> Tuple[Tensor, Tensor]:
@@ -202,6 +205,8 @@ def _synthesize(h0: Tensor, hu: Tensor, hv: Tensor, a: Tensor, b: Tensor, channe
     Args:
         h0, hu, hv: ``[n, *H]``; a, b: ``[g]``.
     """
+    from . import ops  # here, not at import: the attacks and defences use this module without the ops
+
     if not (channels_last and h0.dim() == 4 and h0.shape[1] > 1):
         return ops.grid_combine(h0, hu, hv, a, b).flatten(0, 1)
     nhwc = [t.permute(0, 2, 3, 1).contiguous() for t in (h0, hu, hv)]
