@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_eval_mode, check_tensor
-from .reference import ams_score
+from .reference_energy import ams_score
 
 __all__ = ["signed_orthogonal_directions", "landscape_ref", "flatness_ref"]
 

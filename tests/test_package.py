@@ -103,3 +103,82 @@ def test_experiment_modules_import(name):
 def test_unknown_attribute_is_a_clear_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fastland.nope  # noqa: B018
+
+
+def _import_graph() -> dict:
+    """Module -> the fastland modules it imports, at module level or inside functions (parsed with ``ast``).
+
+    ``from P import name`` is an edge to ``P.name`` when that is a module, else to ``P``;
+    relative imports are resolved against the importing module's package.
+    """
+    import ast
+    import pathlib
+
+    root = pathlib.Path(fastland.__file__).parent
+
+    def name_of(path: pathlib.Path) -> str:
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for p in root.rglob("*.py")}
+    graph = {}
+    for mod, path in modules.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for a in node.names:
+                    sub = f"{target}.{a.name}"
+                    edges.add(sub if sub in modules else target)
+        graph[mod] = sorted(e for e in edges if e in modules and e != mod)
+    return graph
+
+
+def _find_cycle(graph: dict) -> list:
+    """One cycle of ``graph`` as ``[a, b, ..., a]``, or ``[]`` when it is acyclic."""
+    state: dict = {}
+    stack: list = []
+
+    def visit(u: str) -> list:
+        state[u] = "open"
+        stack.append(u)
+        for v in graph[u]:
+            if state.get(v) == "open":
+                return stack[stack.index(v):] + [v]
+            if v not in state:
+                found = visit(v)
+                if found:
+                    return found
+        stack.pop()
+        state[u] = "done"
+        return []
+
+    for u in sorted(graph):
+        if u not in state:
+            found = visit(u)
+            if found:
+                return found
+    return []
+
+
+def test_find_cycle_finds_a_cycle_and_passes_a_tree():
+    assert _find_cycle({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": ["b", "c"], "b": ["c"], "c": []}) == []
+
+
+def test_import_graph_sees_module_level_function_level_and_relative_imports():
+    graph = _import_graph()
+    assert "fastland._checks" in graph["fastland.measures"]  # module level, relative
+    assert "fastland.attacks.pgd" in graph["fastland.neighbourhood"]  # inside fgsm_direction
+    assert "fastland.reference_ops" in graph["fastland.ops.grid_combine"]  # from .. import module
+    assert "fastland.ops._scaffold" in graph["fastland.ops"]  # a package's own submodule
+
+
+def test_no_import_cycle_among_fastland_modules():
+    """No chain of imports (module-level or inside functions) leads from a fastland module back to itself."""
+    cycle = _find_cycle(_import_graph())
+    assert cycle == [], "import cycle: " + " -> ".join(cycle)

@@ -251,6 +251,19 @@ def test_penalty_errors():
         R.amsreg_penalty_ref(logits, other)
     with pytest.raises(ValueError, match="gradnorm"):
         R.jacobian_penalty_ref(logits, x, estimator="gradnorm")
+    with pytest.raises(ValueError, match="weight: expected one of"):
+        R.penalty_ref(logits, x, weight="bogus")
+
+
+@pytest.mark.parametrize("weight,named", [("uniform", R.jacobian_penalty_ref), ("softmax", R.amsreg_penalty_ref)])
+def test_named_penalties_are_penalty_ref_with_their_weight(weight, named):
+    """The two named references are ``penalty_ref`` with one weight: same numbers for the same draws."""
+    model, x, logits = _penalty_inputs("cnn")
+    for estimator in ("exact", "projection"):
+        want = R.penalty_ref(logits, x, weight=weight, estimator=estimator, n_proj=3,
+                             generator=torch.Generator().manual_seed(5))
+        got = named(logits, x, estimator=estimator, n_proj=3, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- directions, landscapes, flatness
@@ -308,3 +321,12 @@ def test_flatness_ref_matches_closed_form_for_linear_model():
                 expected -= score.norm(dim=1) / n
     torch.testing.assert_close(phi_sum, expected, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(phi_mean, expected / 6, atol=1e-12, rtol=1e-10)
+
+
+def test_reference_gathers_every_subject_module():
+    """``fastland.reference`` exports every public name of its four subject modules, the same objects."""
+    from fastland import reference_energy, reference_landscapes, reference_ops, reference_penalties
+
+    for sub in (reference_energy, reference_ops, reference_penalties, reference_landscapes):
+        for name in sub.__all__:
+            assert name in R.__all__ and getattr(R, name) is getattr(sub, name), (sub.__name__, name)

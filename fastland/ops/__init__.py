@@ -7,7 +7,7 @@
 
 The dispatcher picks each call's kernel from the tensors' device: the C++ kernels of
 ``fastland._C`` (csrc/) for CPU, Triton for CUDA, the pure-PyTorch references of
-:mod:`fastland.reference` elsewhere (and where those are missing). ``FASTLAND_BACKEND=
+:mod:`fastland.reference_ops` elsewhere (and where those are missing). ``FASTLAND_BACKEND=
 auto|triton|cpp|reference`` forces one; it is read at import and by :func:`refresh_backend`
 (:func:`forced_backend` sets it for a block). :func:`backend_for` says which serves a tensor.
 One file per op holds its math, Triton kernels and launch table; :mod:`._scaffold` wires them.

@@ -22,7 +22,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference as ref
+from .. import reference_ops as ref
 from .._checks import check_same_device, check_tensor
 from ._scaffold import TRITON_DTYPES, Launch, LaunchConfig, define
 from .utils import triton_acc_dtype, triton_available

@@ -21,14 +21,14 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference as ref
+from .. import reference_ops as ref
 from .._checks import check_same_device, check_tensor
 from ._scaffold import TRITON_DTYPES, Launch, LaunchConfig, define, pick_config
 from .utils import triton_acc_dtype, triton_available
 
 __all__ = ["weighted_projection", "LAUNCH_CONFIGS", "BLOCK_NAMES", "launch_configs"]
 
-WEIGHTS = ("softmax", "uniform")
+WEIGHTS = ref.WEIGHTS
 
 # Triton launch configurations, the one table the launchers (and the ahead-of-time tool)
 # read: ((BLOCK_B rows, BLOCK_C = widest C covered), num_warps, num_stages), sorted by
