@@ -95,22 +95,24 @@ def test_checkpoints_follow_the_papers_p_j() -> None:
 # --------------------------------------------------------------------------- against a per-sample reference
 
 
-def reference_apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-                   x0: torch.Tensor, rho: float = 0.75) -> torch.Tensor:
-    """Algorithm 1 of Croce & Hein for ONE sample ``[1, *S]`` with scalar control flow; returns
-    the first misclassified iterate, else the best-CE point."""
+def reference_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                  x0: torch.Tensor, loss, rho: float = 0.75) -> tuple:
+    """Algorithm 1 of Croce & Hein for ONE sample ``[1, *S]`` with scalar control flow, on
+    ``loss(logits [1, C]) -> scalar``. Returns ``(step, point, best_loss)``: ``step`` the
+    iteration (0 = the start) of the first misclassified iterate and that iterate, or
+    ``(None, best-loss point, best loss)``."""
     def f(z):
         z = z.detach().requires_grad_(True)
         logits = model(z)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        return logits.argmax(1).item() != y.item(), loss.item(), torch.autograd.grad(loss, z)[0]
+        value = loss(logits)
+        return logits.argmax(1).item() != y.item(), value.item(), torch.autograd.grad(value, z)[0]
 
     proj = lambda z: torch.clamp(torch.clamp(z, x - eps, x + eps), 0, 1)  # noqa: E731
     marks = set(checkpoints(steps))
     eta, x_prev, x_k = 2 * eps, x0, x0
     wrong, f_k, g_k = f(x0)
     if wrong:
-        return x0
+        return 0, x0, None
     x_best, f_best, g_best = x0, f_k, g_k
     rises, last_mark, halved_last, f_best_last = 0, 0, True, f_k
     for k in range(steps):
@@ -124,12 +126,54 @@ def reference_apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         x_new = proj(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
         wrong, f_new, g_new = f(x_new)
         if wrong:
-            return x_new
+            return k + 1, x_new, None
         rises += f_new > f_k
         x_prev, x_k, f_k, g_k = x_k, x_new, f_new, g_new
         if f_new > f_best:
             x_best, f_best, g_best = x_new, f_new, g_new
-    return x_best
+    return None, x_best, f_best
+
+
+def reference_apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                   x0: torch.Tensor, rho: float = 0.75) -> torch.Tensor:
+    """:func:`reference_run` on CE: the first misclassified iterate, else the best-CE point."""
+    return reference_run(model, x, y, eps, steps, x0, lambda z: F.cross_entropy(z, y, reduction="sum"), rho)[1]
+
+
+def reference_targeted_dlr(z: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
+    """``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12)`` of one row ``z`` ``[1, C]``, by sorting."""
+    s = z[0].sort(descending=True).values
+    return -(z[0, y.item()] - z[0, t]) / (s[0] - (s[2] + s[3]) / 2 + 1e-12)
+
+
+def reference_apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                     starts: torch.Tensor) -> tuple:
+    """APGD-T with every (target, sample) run on its own (``starts`` ``[K, n, *S]``), combined:
+    broken if any run misclassifies, at the earliest iterate (the lowest target on a tie), else
+    the highest targeted-DLR point (the lowest target on a tie). Returns ``(x_adv, broken)``."""
+    k_all, n = starts.shape[:2]
+    with torch.no_grad():
+        order = model(x).scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
+    out, broken = x.clone(), torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        xi, yi = x[i:i + 1], y[i:i + 1]
+        runs = [reference_run(model, xi, yi, eps, steps, starts[k, i:i + 1],
+                              lambda z, t=int(order[i, k]): reference_targeted_dlr(z, yi, t))
+                for k in range(k_all)]
+        hits = [(step, k) for k, (step, _, _) in enumerate(runs) if step is not None]
+        if hits:
+            out[i], broken[i] = runs[min(hits)[1]][1][0], True
+        else:
+            best = max(r[2] for r in runs)
+            out[i] = next(r[1] for r in runs if r[2] == best)[0]
+    return out, broken
+
+
+def _starts(x: torch.Tensor, k_all: int, eps: float, seed: int) -> torch.Tensor:
+    """The starts APGD-T's first round draws: ``[K, n, *S]``, one ``U(−1, 1)`` draw, target-major."""
+    t = 2 * torch.rand((k_all,) + tuple(x.shape), generator=torch.Generator().manual_seed(seed), dtype=x.dtype) - 1
+    scale = t.flatten(2).abs().amax(2).view(k_all, -1, *[1] * (x.dim() - 1))
+    return (x[None] + eps * t / scale).clamp(0, 1)
 
 
 def test_batched_apgd_matches_the_per_sample_reference(trained) -> None:
@@ -146,6 +190,63 @@ def test_batched_apgd_matches_the_per_sample_reference(trained) -> None:
         torch.testing.assert_close(ours, ref, atol=1e-10, rtol=0)
     finally:
         model.float()
+
+
+@pytest.mark.parametrize("max_rows", [None, 1000], ids=["one-target-a-batch", "one-batch"])
+def test_batched_targets_match_the_per_run_reference(trained, max_rows) -> None:
+    # 13 samples x 3 targets, float64: every (target, sample) row is the scalar Algorithm 1 on
+    # its own start; one batch of 39 rows (max_rows=1000) or one target per batch (max_rows
+    # None = B = 13, the sequential order) give the same broken set and unbroken points.
+    model, x, y = trained
+    model = model.double()
+    try:
+        xd, yd, eps, steps, k_all = x[40:53].double(), y[40:53], 0.1, 9, 3
+        assert accuracy(model, xd, yd) == 1.0  # no clean-misclassified rows: the draw is [K, 13, *S]
+        x_adv, broken = apgd_targeted_attack(model, xd, yd, eps, n_target_classes=k_all, steps=steps,
+                                             max_rows=max_rows, generator=torch.Generator().manual_seed(7))
+        ref, ref_broken = reference_apgd_t(model, xd, yd, eps, steps, _starts(xd, k_all, eps, 7))
+        assert 0 < int(ref_broken.sum()) < len(yd)  # both kinds of rows
+        assert torch.equal(broken, ref_broken)
+        torch.testing.assert_close(x_adv[~broken], ref[~broken], atol=1e-10, rtol=0)
+        with torch.no_grad():
+            assert bool((model(x_adv[broken]).argmax(1) != yd[broken]).all())
+        if max_rows == 1000:  # one batch: each sample's earliest break, as in the reference
+            torch.testing.assert_close(x_adv[broken], ref[broken], atol=1e-10, rtol=0)
+    finally:
+        model.float()
+
+
+def test_early_stop_reports_only_misclassified_samples(trained) -> None:
+    # many targets and samples in one batch, float32: each broken sample is misclassified at its
+    # point, every unbroken one correct; the counts show broken rows leaving the batch
+    from fastland.attacks._counting import CallCounter
+
+    model, x, y = trained
+    counted = CallCounter(model).eval()
+    x_adv, broken = apgd_targeted_attack(counted, x, y, 0.1, n_target_classes=4, steps=12, max_rows=4 * len(y),
+                                         generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        wrong = model(x_adv).argmax(1) != y
+    assert 0 < int(broken.sum()) < len(y) and torch.equal(broken, wrong)
+    assert_in_ball_and_box(x_adv, x, 0.1)
+    c = counted.counts["all"]
+    full = 4 * len(y) * 13  # rows if no row ever left the batch (plus the clean forward)
+    assert c["backward_calls"] == 13 and c["forward_calls"] == 14
+    assert c["forward_rows"] - len(y) == c["backward_rows"] < full
+
+
+def test_max_rows_bounds_every_call(trained) -> None:
+    from fastland.attacks._counting import CallCounter
+
+    model, x, y = trained
+    counted = CallCounter(model).eval()
+    apgd_targeted_attack(counted, x[:50], y[:50], 0.05, n_target_classes=4, steps=3, max_rows=120,
+                         generator=torch.Generator().manual_seed(0))
+    c = counted.counts["all"]
+    # 50 samples: 2 targets a batch (100 rows), then the unbroken of the first batch
+    assert c["backward_calls"] > 4 and c["backward_rows"] <= 120 * c["backward_calls"]
+    with pytest.raises(ValueError, match="max_rows: "):
+        apgd_targeted_attack(model, x[:4], y[:4], 0.1, max_rows=0)
 
 
 # --------------------------------------------------------------------------- strength

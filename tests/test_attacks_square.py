@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from fastland import attacks
-from fastland.attacks.square import _candidate, _windows, p_schedule, square_attack
+from fastland.attacks._checks import project, random_signs
+from fastland.attacks.square import _RESAMPLE, _candidate, _windows, p_schedule, square_attack
 from fastland.testing import fitted_tiny_cnn, Round, accuracy, assert_in_ball_and_box, devices, tiny_bn_cnn, tiny_cnn
 
 SHAPE, N_CLASSES = (1, 8, 8), 5
@@ -97,6 +98,31 @@ def test_candidate_moves_inside_one_window_to_the_balls_faces() -> None:
     assert bool(changed.flatten(1).any(1).all())  # every candidate differs from x_best
     assert int(changed.flatten(1).sum(1).max()) <= 9  # only inside one 3x3 window
     torch.testing.assert_close((new - x).abs(), torch.full_like(x, eps), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_candidate_equals_the_sequential_redraw_loop(channels) -> None:
+    # the signs of all redraws are drawn at once; with the same draws, the loop "redraw the
+    # samples whose window would not change, up to _RESAMPLE times" picks the same signs
+    g = torch.Generator().manual_seed(channels)
+    n, eps, side = 300, 0.1, 1
+    x = torch.rand(n, channels, 5, 6, dtype=torch.float64)
+    x_best = project(x + eps * (2 * torch.randint(0, 2, x.shape, generator=g) - 1).double(), x, eps)
+    x_best[:20] = x[:20]  # inside the ball: every sign moves
+    state = g.get_state()
+    ours = _candidate(x, x_best, eps, side, g)
+    g.set_state(state)
+    window = _windows(side, n, tuple(x.shape[1:]), g, x)
+    draws = random_signs((_RESAMPLE + 1, n, channels), g, x) > 0
+    up, down = project(x_best + 2 * eps * window, x, eps), project(x_best - 2 * eps * window, x, eps)
+    moves_up, moves_down = (up != x_best).flatten(2).any(2), (down != x_best).flatten(2).any(2)
+    signs = draws[0]
+    for r in range(1, _RESAMPLE + 1):
+        moves = torch.where(signs, moves_up, moves_down).any(1, keepdim=True)
+        signs = torch.where(moves, signs, draws[r])
+    ref = torch.where(signs[:, :, None, None], up, down)
+    assert torch.equal(ours, ref)
+    assert int((ours != x_best).flatten(1).any(1).sum()) > n - 5  # (almost) every candidate moves
 
 
 # --------------------------------------------------------------------------- strength

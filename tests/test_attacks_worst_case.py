@@ -74,6 +74,28 @@ def test_fixed_generator_gives_identical_results(trained) -> None:
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.broken_by, b.broken_by)
 
 
+def test_counted_model_gives_the_same_result_and_counts_per_stage(trained) -> None:
+    from fastland.attacks._counting import COUNT_KEYS, CallCounter
+
+    model, x, y = trained
+    plain = worst_case(model, x[:96], y[:96], 0.1, generator=gen(3), **FAST)
+    counted = CallCounter(model).eval()
+    res = worst_case(counted, x[:96], y[:96], 0.1, generator=gen(3), **FAST)
+    assert torch.equal(res.x_adv, plain.x_adv) and torch.equal(res.broken_by, plain.broken_by)
+    c = counted.counts
+    assert list(c) == ["clean", "apgd-ce", "apgd-t", "square", "final"]
+    assert set(c["apgd-t"]) == set(COUNT_KEYS)
+    assert c["clean"]["forward_rows"] == c["final"]["forward_rows"] == 96 and c["square"]["backward_calls"] == 0
+    # APGD-T never calls the model with more rows than the batch worst_case got
+    t = c["apgd-t"]
+    assert t["backward_calls"] >= 1 and t["backward_rows"] <= 96 * t["backward_calls"]
+    assert counted.total()["forward_calls"] == sum(v["forward_calls"] for v in c.values())
+    counted.reset()
+    assert counted.counts == {}
+    with pytest.raises(TypeError, match="model: "):
+        CallCounter(lambda t: t)
+
+
 def test_undefended_model_falls_at_large_eps(trained) -> None:
     model, x, y = trained
     assert worst_case(model, x, y, 0.5, generator=gen(), **FAST).accuracy <= 0.02

@@ -19,6 +19,7 @@ __all__ = [
     "EVAL_MODES",
     "attack_mode",
     "check_evaluation_inputs",
+    "check_attack_call",
     "check_number",
     "check_fraction",
     "check_generator",
@@ -47,6 +48,16 @@ def check_evaluation_inputs(model: nn.Module, x: Tensor, y: Tensor, eps: float, 
         )
     if mode == "keep":
         check_eval_mode("model", model)
+
+
+def check_attack_call(model: nn.Module, x: Tensor, y: Tensor, eps: float, mode: str, *,
+                      restarts: int, generator: object) -> None:
+    """The arguments every evaluation attack (APGD, APGD-T, Square) takes: ``model``, ``x``
+    ``[B, *S]`` in ``[0, 1]``, ``y`` ``[B]``, ``eps ≥ 0``, an eval ``mode``, ``restarts ≥ 1``
+    and a ``generator`` (a ``torch.Generator`` or None)."""
+    check_evaluation_inputs(model, x, y, eps, mode)
+    check_number("restarts", restarts, integer=True, minimum=1)
+    check_generator(generator)
 
 
 def check_fraction(name: str, value: object, *, low_open: bool = False) -> None:

@@ -8,12 +8,14 @@ Gradient-free random search on the margin ``z_y − max_{i≠y} z_i``:
 - each query: a square window of side ``h = max(round(√(p·H·W)), 1)`` at a uniform position,
   one sign per (sample, channel); the window gets ``±2ε`` added and the point is projected
   back to the ε-ball and ``[0, 1]`` (so it jumps to the other face of the ball); signs are
-  redrawn (up to 10 times, no query) while the window would not change;
+  redrawn (up to 10 times, no query) while the window would not change (all redraws drawn
+  at once, the first that changes the window taken);
 - the candidate replaces the current point when its margin is lower;
 - ``p`` starts at ``p_init`` and is halved at fixed fractions of ``n_queries`` (the authors'
   schedule for 10 000 queries, rescaled to ``n_queries``).
 
-Windows and signs are drawn per sample; a sample stops at its first misclassified point.
+Windows and signs are drawn per sample; all samples still attacked share one batch (one
+model call per query), and a sample leaves it at its first misclassified point.
 Only forward passes (``torch.no_grad``) are used, so masked gradients do not stop it.
 
 Shapes: ``x`` ``[B, C, H, W]`` in ``[0, 1]``; ``y`` ``[B]`` integer labels; the model maps
@@ -27,18 +29,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import (
-    attack_mode,
-    check_evaluation_inputs,
-    check_fraction,
-    check_generator,
-    check_number,
-    clean_logits,
-    misclassified,
-    project,
-    randint,
-    random_signs,
-)
+from ._checks import attack_mode, check_attack_call, check_fraction, check_number, clean_logits, misclassified
+from ._checks import project, randint, random_signs
 from .losses import margin_loss
 
 __all__ = ["square", "square_attack", "p_schedule"]
@@ -74,17 +66,22 @@ def _windows(side: int, n: int, shape: Tuple[int, ...], generator: Optional[torc
 def _candidate(x: Tensor, x_best: Tensor, eps: float, side: int,
                generator: Optional[torch.Generator]) -> Tensor:
     """``Π(x_best + 2ε·s·window)`` ``[n, C, H, W]`` with one sign ``s`` per (sample, channel),
-    signs redrawn (up to ``_RESAMPLE`` times, no query) where the window would not change."""
+    signs redrawn (up to ``_RESAMPLE`` times, no query) where the window would not change.
+
+    The first draw and its ``_RESAMPLE`` redraws are drawn at once (``[_RESAMPLE + 1, n, C]``);
+    each sample takes the first draw that changes its window, else the last one: the sequential
+    redraw loop's result, with one draw instead of one per round."""
     n, c = x.shape[:2]
     window = _windows(side, n, tuple(x.shape[1:]), generator, x)
     up = project(x_best + 2 * eps * window, x, eps)
     down = project(x_best - 2 * eps * window, x, eps)
     moves_up = (up != x_best).flatten(2).any(dim=2)  # [n, C]
     moves_down = (down != x_best).flatten(2).any(dim=2)
-    signs = random_signs((n, c), generator, x) > 0
-    for _ in range(_RESAMPLE):
-        moves = torch.where(signs, moves_up, moves_down).any(dim=1, keepdim=True)  # [n, 1]
-        signs = torch.where(moves, signs, random_signs((n, c), generator, x) > 0)
+    draws = random_signs((_RESAMPLE + 1, n, c), generator, x) > 0  # [R + 1, n, C]
+    moves = torch.where(draws, moves_up, moves_down).any(dim=2)  # [R + 1, n]
+    moves[-1] = True  # the last draw is kept when none changes the window
+    pick = moves.to(torch.int8).argmax(dim=0)  # [n], the first draw that moves
+    signs = draws.gather(0, pick.view(1, n, 1).expand(1, n, c))[0]  # [n, C]
     return torch.where(signs[:, :, None, None], up, down)
 
 
@@ -127,13 +124,11 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: i
     return x_out, margin_out, broken
 
 
-def _check_square(x: Tensor, n_queries: int, p_init: float, restarts: int, generator: object) -> None:
+def _check_square(x: Tensor, n_queries: int, p_init: float) -> None:
     if x.dim() != 4:
         raise ValueError(f"x: expected 4 dimensions [B, C, H, W] for the Square attack, got shape {tuple(x.shape)}")
     check_number("n_queries", n_queries, integer=True, minimum=1)
     check_fraction("p_init", p_init, low_open=True)
-    check_number("restarts", restarts, integer=True, minimum=1)
-    check_generator(generator)
 
 
 def square_attack(
@@ -142,8 +137,8 @@ def square_attack(
 ) -> Tuple[Tensor, Tensor]:
     """:func:`square` that also returns ``broken`` ``[B]`` bool (misclassified at ``x_adv``,
     clean-misclassified samples included). Same arguments."""
-    check_evaluation_inputs(model, x, y, eps, mode)
-    _check_square(x, n_queries, p_init, restarts, generator)
+    check_attack_call(model, x, y, eps, mode, restarts=restarts, generator=generator)
+    _check_square(x, n_queries, p_init)
     x = x.detach()
     with attack_mode(model, mode), torch.no_grad():
         broken = misclassified(clean_logits(model, x, y), y)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import attack_mode, check_evaluation_inputs, check_generator, check_number, clean_logits, misclassified
+from ._counting import CallCounter
 from .apgd import apgd_attack, apgd_targeted_attack
 from .square import square_attack
 
@@ -90,13 +91,16 @@ def _check_attack_names(attacks: object) -> Tuple[str, ...]:
 
 
 def _run_one(name: str, model: nn.Module, x: Tensor, y: Tensor, eps: float, kw: dict) -> Tuple[Tensor, Tensor]:
-    """``(x_adv [n, *S], broken [n] bool)`` of attack ``name`` (model already in eval mode)."""
+    """``(x_adv [n, *S], broken [n] bool)`` of attack ``name`` (model already in eval mode).
+    APGD-T batches its targets up to ``kw["max_rows"]`` rows (the batch ``worst_case`` got)."""
+    if isinstance(model, CallCounter):
+        model.stage = name
     common = dict(restarts=kw["restarts"], generator=kw["generator"], mode="keep")
     if name in ("apgd-ce", "apgd-dlr"):
         return apgd_attack(model, x, y, eps, loss=name[5:], steps=kw["steps"], **common)
     if name == "apgd-t":
         return apgd_targeted_attack(model, x, y, eps, n_target_classes=kw["n_target_classes"],
-                                    steps=kw["steps"], **common)
+                                    steps=kw["steps"], max_rows=kw["max_rows"], **common)
     return square_attack(model, x, y, eps, n_queries=kw["n_queries"], p_init=kw["p_init"], **common)
 
 
@@ -123,6 +127,12 @@ def worst_case(
         p_init: Square's initial window share (default 0.8).
         generator: one ``torch.Generator`` shared by the attacks in turn, or None.
         mode: ``"eval"`` (default) or ``"keep"`` (model already in eval mode).
+
+    APGD-T runs the targets of all its samples as one batch of at most ``B`` rows (more
+    batches when ``K·n > B``), so a model call is never larger than the batch given. A model
+    wrapped in :class:`fastland.attacks._counting.CallCounter` gets its calls counted per stage
+    (``"clean"``, each attack's name, ``"final"``).
+
     Returns:
         :class:`WorstCase` with ``x_adv`` ``[B, *S]``, ``robust`` ``[B]``, ``broken_by`` ``[B]``.
 
@@ -137,9 +147,11 @@ def worst_case(
         check_number(arg, value, integer=True, minimum=1)
     check_generator(generator)
     kw = dict(steps=steps, n_queries=n_queries, restarts=restarts, n_target_classes=n_target_classes,
-              p_init=p_init, generator=generator)
+              p_init=p_init, generator=generator, max_rows=x.shape[0])
     x = x.detach()
     with attack_mode(model, mode):
+        if isinstance(model, CallCounter):
+            model.stage = "clean"
         wrong = misclassified(clean_logits(model, x, y), y)
         broken_by = torch.full((x.shape[0],), SURVIVED, dtype=torch.int64, device=x.device)
         broken_by[wrong] = MISCLASSIFIED_CLEAN
@@ -151,6 +163,8 @@ def worst_case(
             x_run, hit = _run_one(name, model, x[todo], y[todo], eps, kw)
             x_adv[todo] = x_run
             broken_by[todo[hit]] = i
+        if isinstance(model, CallCounter):
+            model.stage = "final"
         with torch.no_grad():
             robust = ~misclassified(model(x_adv), y)
     # the final forward decides: a point broken only by rounding in another batch counts as robust
