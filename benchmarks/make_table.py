@@ -48,9 +48,11 @@ def _group_rows(benchmarks: List[dict]) -> Dict[str, List[dict]]:
 def _table(rows: List[dict]) -> List[str]:
     base = [r for r in rows if r.get("extra_info", {}).get("baseline")]
     base_mean = base[0]["stats"]["mean"] if base else None
+    # an optional column: extra_info["calls"], a short string of the model calls a row made
+    calls = any("calls" in r.get("extra_info", {}) for r in rows)
     out = [
-        "| benchmark | mean | ± std | rounds | time ÷ baseline | speed-up | metric |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| benchmark | mean | ± std | rounds | time ÷ baseline | speed-up | metric |" + (" calls |" if calls else ""),
+        "|---|---:|---:|---:|---:|---:|---|" + ("---|" if calls else ""),
     ]
     for r in sorted(rows, key=lambda r: r["stats"]["mean"]):
         s = r["stats"]
@@ -60,7 +62,7 @@ def _table(rows: List[dict]) -> List[str]:
         speed = f"{base_mean / s['mean']:.2f}×" if base_mean else "–"
         out.append(
             f"| {name} | {_fmt_time(s['mean'])} | {_fmt_time(s['stddev'])} | {s['rounds']} | "
-            f"{ratio} | {speed} | {info.get('metric', '')} |"
+            f"{ratio} | {speed} | {info.get('metric', '')} |" + (f" {info.get('calls', '')} |" if calls else "")
         )
     return out
 
