@@ -7,7 +7,7 @@ adversarial training.
 
 Drop-in penalty::
 
-    x.requires_grad_(True)
+    x = fastland.penalty_input(x)   # x, detached, requiring grad for the penalty alone
     logits = model(x)
     loss = F.cross_entropy(logits, y) + lam / 2 * fastland.amsreg_loss(logits, x)
     loss.backward()
@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "input_score": "energy",
     "ams_score": "energy",
     # drop-in penalties
+    "penalty_input": "penalties",
     "amsreg_loss": "penalties",
     "jacobian_loss": "penalties",
     "AMSReg": "penalties",

@@ -5,17 +5,23 @@ with the flipped, transposed kernel) or the ``"native"`` one (PyTorch's own
 ``convolution_backward``), both with oneDNN off for that one call; the forward and the
 weight gradient stay oneDNN's. Three ``autograd.Function`` s built from each other, so the
 backward is differentiable to any order. Shapes as in :mod:`fastland.fast_conv`.
+
+The input gradient is also skipped where nobody will read it: when every path below the
+layer's input ends in a leaf marked :func:`mark_grad_on_request` (the penalties' input
+copies, :func:`fastland.penalty_input`) and no :func:`grad_requested` block asks for it.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["FLIP_MAX_OUT_CHANNELS", "ConvSpec", "make_spec", "route", "conv_fn", "input_grad", "weight_grad"]
+__all__ = ["FLIP_MAX_OUT_CHANNELS", "ConvSpec", "make_spec", "route", "conv_fn", "input_grad", "weight_grad",
+           "mark_grad_on_request", "is_grad_on_request", "grad_requested"]
 
 # 2-D "flip" beats "native" for few output channels (LeNet's 6: 1.6 vs 3.1 ms), loses for 32 and more.
 FLIP_MAX_OUT_CHANNELS = 16
@@ -123,16 +129,101 @@ def _conv_kernel(x: Tensor, w: Tensor, b: Optional[Tensor], spec: ConvSpec) -> T
 # --------------------------------------------------------------------------- autograd
 
 
+# --------------------------------------------------------------------------- gradients on request
+
+_ON_REQUEST = "_fastland_grad_on_request"  # attribute of a leaf whose gradient is computed on request only
+_marked = [0]  # leaves ever marked in this process: no graph walk until the first
+_WALK_BUDGET = 16  # nodes visited below a layer's input before giving up (and computing the gradient)
+_ACCUMULATE = torch._C._functions.AccumulateGrad
+
+
+class _Requests(threading.local):
+    ids: Set[int]
+
+    def __init__(self) -> None:
+        self.ids = set()
+
+
+_requests = _Requests()
+
+
+def _drop_grad(t: Tensor) -> None:
+    t.grad = None
+
+
+def mark_grad_on_request(t: Tensor) -> Tensor:
+    """Mark the leaf ``t`` (requiring grad) so that backward passes compute its gradient only
+    inside a :func:`grad_requested` block for it; returns ``t``.
+
+    Outside such a block the fast layers skip the input gradient that only ``t`` would
+    receive, and ``t.grad`` stays None whatever the model (a gradient that reaches it through
+    other layers is dropped after accumulation).
+    """
+    if not (t.is_leaf and t.requires_grad):
+        raise ValueError(f"t: expected a leaf tensor that requires grad, got is_leaf={t.is_leaf}, "
+                         f"requires_grad={t.requires_grad}")
+    if not getattr(t, _ON_REQUEST, False):
+        setattr(t, _ON_REQUEST, True)
+        t.register_post_accumulate_grad_hook(_drop_grad)
+        _marked[0] += 1
+    return t
+
+
+def is_grad_on_request(t: Tensor) -> bool:
+    """Whether ``t`` was marked by :func:`mark_grad_on_request`."""
+    return bool(getattr(t, _ON_REQUEST, False))
+
+
+@contextlib.contextmanager
+def grad_requested(t: Tensor) -> Iterator[None]:
+    """Backward passes run inside (on this thread) compute the gradient of ``t`` as usual."""
+    key = id(t)
+    fresh = key not in _requests.ids
+    _requests.ids.add(key)
+    try:
+        yield
+    finally:
+        if fresh:
+            _requests.ids.discard(key)
+
+
+def _unwanted(node: Any) -> bool:
+    """Whether every path down the graph from ``node`` ends in a leaf marked grad-on-request
+    and not requested (so the gradient flowing into ``node`` would be thrown away).
+    Walks at most :data:`_WALK_BUDGET` nodes; False when it cannot tell."""
+    stack, seen, found = [node], 0, False
+    while stack:
+        n = stack.pop()
+        if n is None:
+            continue
+        seen += 1
+        if seen > _WALK_BUDGET:
+            return False
+        if isinstance(n, _ACCUMULATE):  # a leaf
+            var = n.variable
+            if not getattr(var, _ON_REQUEST, False) or id(var) in _requests.ids:
+                return False
+            found = True
+            continue
+        stack.extend(fn for fn, _ in n.next_functions)
+    return found
+
+
 def _engine_needs(ctx: Any, i: int) -> bool:
     """Whether the running backward will use the gradient of input ``i`` (``ctx.needs_input_grad``
-    is static: an ``autograd.grad(loss, x)`` would otherwise also pay for the weight gradient)."""
+    is static: an ``autograd.grad(loss, x)`` would otherwise also pay for the weight gradient),
+    and whether anybody reads it (see :func:`mark_grad_on_request`)."""
     if not ctx.needs_input_grad[i]:
         return False
     try:
         node = ctx.next_functions[i][0]
-        return node is None or bool(torch._C._will_engine_execute_node(node))
+        if node is None:
+            return True
+        if not torch._C._will_engine_execute_node(node):
+            return False
     except (AttributeError, RuntimeError):  # no engine running (vmap, functorch) or an older torch
         return True
+    return not (_marked[0] and _unwanted(node))
 
 
 def _batched(*ts: Tensor) -> bool:

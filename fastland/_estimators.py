@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import ops
 from . import reference as _reference  # module import: reference may import penalties in turn
 from ._checks import check_tensor
+from ._conv_grad import grad_requested
 
 _warned: Set[str] = set()
 
@@ -42,9 +43,20 @@ def require(cond: Tensor, message: str) -> None:
         raise ValueError(message)
 
 
+def all_finite(t: Tensor) -> Tensor:
+    """Whether ``t`` (any shape) holds no NaN/inf, as a one-element bool tensor.
+
+    One reduction: the float64 sum of a float32/half tensor is finite exactly when every
+    element is (a NaN or an inf propagates, and float32 values cannot overflow a float64
+    sum); float64 tensors, whose sum could overflow, take ``isfinite(t).all()``."""
+    if t.dtype == torch.float64 or not t.is_floating_point():
+        return torch.isfinite(t).all()
+    return torch.isfinite(t.detach().sum(dtype=torch.float64))
+
+
 def check_finite(name: str, t: Tensor) -> None:
     """Refuse NaN/inf in ``t`` (any shape): a penalty of such inputs means nothing."""
-    require(torch.isfinite(t).all(), f"{name}: expected finite values, got a tensor containing NaN or inf")
+    require(all_finite(t), f"{name}: expected finite values, got a tensor containing NaN or inf")
 
 
 _COMPILED_NODE = "CompiledFunctionBackward"
@@ -114,9 +126,10 @@ def _vjp_sqnorms_loop(logits: Tensor, x: Tensor, cotangents: Tensor) -> Tensor:
     """
     total: Optional[Tensor] = None
     for k in range(cotangents.shape[0]):
-        (g,) = torch.autograd.grad(
-            logits, x, grad_outputs=cotangents[k], create_graph=True, retain_graph=True, allow_unused=True,
-        )
+        with grad_requested(x):
+            (g,) = torch.autograd.grad(
+                logits, x, grad_outputs=cotangents[k], create_graph=True, retain_graph=True, allow_unused=True,
+            )
         if g is None:
             raise no_dependency_error()
         sq = g.reshape(g.shape[0], -1).to(cotangents.dtype).pow(2).sum(dim=1)
@@ -128,10 +141,11 @@ def _vjp_sqnorms_loop(logits: Tensor, x: Tensor, cotangents: Tensor) -> Tensor:
 def _vjp_sqnorms_batched(logits: Tensor, x: Tensor, cotangents: Tensor) -> Tensor:
     """Same as :func:`_vjp_sqnorms_loop` in one vmapped backward (``is_grads_batched``):
     ``[P, B, C] -> [B]``."""
-    (g,) = torch.autograd.grad(
-        logits, x, grad_outputs=cotangents, create_graph=True, retain_graph=True,
-        allow_unused=True, is_grads_batched=True,
-    )
+    with grad_requested(x):
+        (g,) = torch.autograd.grad(
+            logits, x, grad_outputs=cotangents, create_graph=True, retain_graph=True,
+            allow_unused=True, is_grads_batched=True,
+        )
     if g is None:
         raise no_dependency_error()
     P, B = cotangents.shape[0], cotangents.shape[1]
@@ -361,7 +375,8 @@ def finite_difference_penalty(logits: Tensor, x: Tensor, model: nn.Module, h: Op
             _check_same_function(_lse(logits.detach()), lse0.detach())
         else:
             lse0 = _lse(logits)
-        (g,) = torch.autograd.grad(lse0.sum(), x, retain_graph=True, allow_unused=True)
+        with grad_requested(x):
+            (g,) = torch.autograd.grad(lse0.sum(), x, retain_graph=True, allow_unused=True)
         if g is None:
             raise no_dependency_error()
         with torch.no_grad():

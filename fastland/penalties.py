@@ -4,10 +4,17 @@
 throughout: arguments ``(logits, x)``, ``n_proj`` projections, ``estimator`` one
 of :data:`ESTIMATORS`, ``generator`` for every random draw::
 
-    x.requires_grad_(True)
+    x = fastland.penalty_input(x)        # x, detached, requiring grad for the penalty alone
     logits = model(x)
     loss = F.cross_entropy(logits, y) + lam / 2 * fastland.amsreg_loss(logits, x)
     loss.backward()
+
+:func:`penalty_input` makes the copy whose gradient only the penalty computes: the
+plain ``loss.backward()`` skips the input gradient nobody reads (on the CPU, the
+first convolution's, the most expensive kernel of a small CNN's step) and leaves
+``x.grad`` None. The older form, ``x.requires_grad_(True)`` on the caller's own
+tensor, gives the same parameter gradients and also fills ``x.grad`` with
+``∂loss/∂x`` as before, at the price of that input gradient.
 
 The objective is the paper's (Eq. 20, in Hoffman et al.'s convention)
 ``mean CE + (λ/2)·penalty``, with the full penalty (batch mean) for both
@@ -52,10 +59,11 @@ from torch import Tensor, nn
 
 from . import _estimators as est
 from ._checks import check_same_device, check_tensor
+from ._conv_grad import mark_grad_on_request
 from ._estimators import default_fd_step, fd_step_floor
 from .choices import ESTIMATORS, JACOBIAN_ESTIMATORS, REDUCTIONS
 
-__all__ = ["amsreg_loss", "jacobian_loss", "AMSReg", "JacobianReg", "ESTIMATORS",
+__all__ = ["penalty_input", "amsreg_loss", "jacobian_loss", "AMSReg", "JacobianReg", "ESTIMATORS",
            "JACOBIAN_ESTIMATORS", "REDUCTIONS", "default_fd_step", "fd_step_floor"]
 
 # Every estimator name (``amsreg_loss``/``AMSReg`` accept them all), those of ``jacobian_loss``/
@@ -134,6 +142,29 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------- functions
+
+
+def penalty_input(x: Tensor) -> Tensor:
+    """The input to feed the model when a penalty differentiates with respect to it:
+    ``x`` detached, as a leaf that requires grad and whose gradient only the penalties
+    compute.
+
+    A later ``loss.backward()`` leaves its ``.grad`` None, and the fast first
+    convolutions (:mod:`fastland.fast_conv`, on by default in fastland's models)
+    skip the input gradient it would have received: the parameter gradients are
+    those of ``x.requires_grad_(True)`` on the caller's tensor, the step is cheaper.
+    Its gradient is the penalties' alone: ``torch.autograd.grad(loss, x)`` of
+    your own finds ``x`` unused behind a fast convolution (for an input gradient
+    of your own, call ``x.requires_grad_(True)`` on your tensor instead).
+
+    Args:
+        x: ``[B, *S]`` floating point (the penalties check it is finite); any device. Shares ``x``'s storage
+            (no copy); a graph ``x`` belongs to is cut.
+    Returns:
+        ``[B, *S]``, a new leaf with ``requires_grad=True``.
+    """
+    check_tensor("x", x, min_ndim=1)
+    return mark_grad_on_request(x.detach().requires_grad_(True))
 
 
 def amsreg_loss(

@@ -303,3 +303,84 @@ def test_bad_arguments_raise_one_line_errors():
         make_spec(2, stride=(1, 1, 1))
     with pytest.raises(ValueError, match="weight: expected 3 to 5 dims"):
         fast_conv.conv(torch.randn(1, 1, 3), torch.randn(2, 1))
+
+
+# --------------------------------------------------------------------------- gradients on request
+
+
+def _count_input_grads(monkeypatch) -> list:
+    """Patch the input-gradient kernel with a counting wrapper; returns the one-element counter."""
+    from fastland import _conv_grad
+
+    calls = [0]
+    kernel = _conv_grad._input_grad_kernel
+
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(_conv_grad, "_input_grad_kernel", counted)
+    return calls
+
+
+def test_input_marked_on_request_gets_no_input_gradient(monkeypatch):
+    """A plain backward skips the input gradient that only a marked leaf would receive (x.grad
+    stays None) and gives the weight gradients of torch's conv; inside grad_requested the
+    gradient is computed as usual, equal to torch's."""
+    from fastland._conv_grad import grad_requested, is_grad_on_request, mark_grad_on_request
+
+    gen = torch.Generator().manual_seed(11)
+    conv = nn.Conv2d(1, 6, 5, padding=2).to(DT)
+    fast = fast_conv.apply(copy.deepcopy(conv))
+    x0 = torch.randn(3, 1, 9, 7, dtype=DT, generator=gen)
+    g = torch.randn(3, 6, 9, 7, dtype=DT, generator=gen)
+    y_ref, gx_ref, gw_ref, gb_ref = _grads(conv, (x0 - 0.5) * 2.0, g)
+    calls = _count_input_grads(monkeypatch)
+
+    x = mark_grad_on_request(x0.clone().requires_grad_(True))
+    assert is_grad_on_request(x) and not is_grad_on_request(x0)
+    y = fast((x - 0.5) * 2.0)  # two elementwise nodes between the leaf and the layer
+    y.backward(g)
+    assert calls[0] == 0 and x.grad is None
+    torch.testing.assert_close(fast.weight.grad, gw_ref, **TOL)
+    torch.testing.assert_close(fast.bias.grad, gb_ref, **TOL)
+
+    y = fast((x - 0.5) * 2.0)
+    with grad_requested(x):
+        (gx,) = torch.autograd.grad(y, x, g)
+    assert calls[0] == 1
+    torch.testing.assert_close(gx, 2.0 * gx_ref, **TOL)
+    assert x.grad is None
+
+
+def test_input_gradient_kept_when_anybody_reads_it(monkeypatch):
+    """The skip needs every path below the layer to end in marked leaves: an unmarked leaf
+    on one path, or more nodes than the walk's budget, keep the input gradient."""
+    from fastland import _conv_grad
+    from fastland._conv_grad import mark_grad_on_request
+
+    gen = torch.Generator().manual_seed(12)
+    fast = fast_conv.apply(nn.Conv2d(1, 3, 3).to(DT))
+    calls = _count_input_grads(monkeypatch)
+    marked = mark_grad_on_request(torch.randn(2, 1, 6, 5, dtype=DT, generator=gen).requires_grad_(True))
+    plain = torch.randn(2, 1, 6, 5, dtype=DT, generator=gen, requires_grad=True)
+    fast(marked + plain).sum().backward()
+    assert calls[0] == 1 and marked.grad is None
+    torch.testing.assert_close(plain.grad, torch.autograd.grad(
+        nn.functional.conv2d(marked.detach() + plain, fast.weight, fast.bias).sum(), plain)[0], **TOL)
+
+    deep = marked
+    for _ in range(_conv_grad._WALK_BUDGET + 1):
+        deep = deep * 1.0
+    fast(deep).sum().backward()
+    assert calls[0] == 2 and marked.grad is None  # computed (budget spent), then dropped
+
+
+def test_mark_grad_on_request_refuses_non_leaves():
+    from fastland._conv_grad import mark_grad_on_request
+
+    with pytest.raises(ValueError, match="t: expected a leaf tensor that requires grad, got is_leaf=True, "
+                                         "requires_grad=False"):
+        mark_grad_on_request(torch.zeros(2))
+    with pytest.raises(ValueError, match="is_leaf=False"):
+        mark_grad_on_request(torch.zeros(2, requires_grad=True) * 2)

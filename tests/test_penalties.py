@@ -287,13 +287,138 @@ def test_readme_drop_in_example_runs() -> None:
     y = torch.randint(0, 4, (8,))
     lam = 0.5
     # --- the example of fastland/__init__.py, as written
-    x.requires_grad_(True)
+    x = fastland.penalty_input(x)   # x, detached, requiring grad for the penalty alone
     logits = model(x)
     loss = F.cross_entropy(logits, y) + lam / 2 * fastland.amsreg_loss(logits, x)
     loss.backward()
     # ---
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert x.grad is None
+
+
+# --------------------------------------------------------------------------- penalty_input
+
+# (fn, estimator) of every double-backward and finite-difference drop-in
+DROP_INS = [(amsreg_loss, "projection"), (amsreg_loss, "exact"), (amsreg_loss, "gradnorm"),
+            (amsreg_loss, "finite_difference"), (jacobian_loss, "projection"), (jacobian_loss, "exact")]
+
+
+def _drop_in_step(model: nn.Module, x0: Tensor, y: Tensor, fn, estimator: str, form: str) -> Tuple[list, Tensor]:
+    """``CE + 0.25·penalty`` and a plain ``loss.backward()`` in one of the two forms:
+    ``"penalty_input"`` (the README's) or ``"requires_grad"`` (the caller's own tensor).
+    Returns the parameter gradients and ``x`` (to read ``x.grad``)."""
+    model.zero_grad(set_to_none=True)
+    x = fastland.penalty_input(x0) if form == "penalty_input" else x0.clone().requires_grad_(True)
+    logits = model(x)
+    kw = {"model": model} if estimator == "finite_difference" else {}
+    if estimator == "projection":
+        kw = {"n_proj": 2, "generator": torch.Generator().manual_seed(7)}
+    loss = F.cross_entropy(logits, y) + 0.25 * fn(logits, x, estimator=estimator, **kw)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()], x
+
+
+@pytest.mark.parametrize("fn,estimator", DROP_INS)
+@pytest.mark.parametrize("fast", [True, False])
+def test_penalty_input_gives_the_old_forms_parameter_gradients(fn, estimator: str, fast: bool) -> None:
+    """Both forms, plain ``loss.backward()``: equal parameter gradients (float64, 1e-13), held
+    to ``torch.func.grad`` of the ``vmap(jacrev)`` reference; ``x.grad`` is None for
+    ``penalty_input`` and ``∂loss/∂x`` for the caller's own tensor. ``fast``: the
+    convolution takes fast_conv's path (the input gradient is then skipped)."""
+    model, x = make("cnn")
+    if fast:
+        fastland.fast_conv.apply(model)
+    x0 = x.detach()
+    y = torch.tensor([0, 2, 1, 1, 0])
+    new, xn = _drop_in_step(model, x0, y, fn, estimator, "penalty_input")
+    old, xo = _drop_in_step(model, x0, y, fn, estimator, "requires_grad")
+    assert xn.grad is None and xo.grad is not None and xo.grad.shape == x0.shape
+    for a, b in zip(new, old):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    # the reference: CE + 0.25 * penalty as a function of the parameters
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    kind = {("projection", True): "ams_proj", ("exact", True): "ams_exact", ("gradnorm", True): "gradnorm",
+            ("finite_difference", True): "fd", ("projection", False): "jac_proj",
+            ("exact", False): "jac_exact"}[(estimator, fn is amsreg_loss)]
+    logits = model(x0.clone().requires_grad_(True))
+    v = unit_rows(unit_sphere_noise(2, logits.detach(), torch.Generator().manual_seed(7)))
+    u = None
+    if kind == "fd":
+        xg = x0.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.logsumexp(model(xg), -1).sum(), xg)
+        u = g / g.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1))
+    pen = _functional_penalty(model, x0, kind, v=v, u=u, h=default_fd_step(torch.float64))
+    buffers = dict(model.named_buffers())
+
+    def objective(ps: dict) -> Tensor:
+        return F.cross_entropy(functional_call(model, (ps, buffers), (x0,)), y) + 0.25 * pen(ps)
+
+    ref = grad(objective)(params)
+    for (k, _), g_new in zip(model.named_parameters(), new):
+        torch.testing.assert_close(g_new, ref[k], rtol=1e-8, atol=1e-11, msg=lambda m: f"{k}: {m}")
+
+
+def _count_input_grads(monkeypatch) -> list:
+    from fastland import _conv_grad
+
+    calls = [0]
+    kernel = _conv_grad._input_grad_kernel
+
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(_conv_grad, "_input_grad_kernel", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fn", [amsreg_loss, jacobian_loss])
+def test_penalty_input_skips_the_first_layers_input_gradient(monkeypatch, fn) -> None:
+    """LeNet-5 (first convolution on fast_conv's path): the README form computes that layer's
+    input gradient once (the penalty's VJP), the caller's own ``x.requires_grad_(True)`` twice
+    (the VJP, then ``x.grad``), as ``backward(inputs=params)`` of that form does once."""
+    torch.manual_seed(0)
+    model = fastland.models.create("lenet", "fmnist")
+    x0, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 4, 9])
+    calls = _count_input_grads(monkeypatch)
+    counts = {}
+    for form in ("penalty_input", "requires_grad", "params_only"):
+        calls[0] = 0
+        x = fastland.penalty_input(x0) if form == "penalty_input" else x0.clone().requires_grad_(True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y) + 0.25 * fn(logits, x)
+        loss.backward(inputs=list(model.parameters()) if form == "params_only" else None)
+        counts[form] = calls[0]
+    assert counts == {"penalty_input": 1, "requires_grad": 2, "params_only": 1}
+
+
+def test_penalty_input_twice_and_after_an_error() -> None:
+    """Two penalties on one penalty input, a failed one in between: both still differentiate
+    it, and a later backward still skips it (no request is left behind)."""
+    from fastland import _conv_grad
+
+    model, x = make("cnn")
+    fastland.fast_conv.apply(model)
+    xp = fastland.penalty_input(x.detach())
+    logits = model(xp)
+    with pytest.raises(ValueError, match="x: .*graph of logits"):
+        amsreg_loss(model(x.detach().requires_grad_(True)), xp)
+    assert not _conv_grad._requests.ids
+    loss = amsreg_loss(logits, xp, estimator="exact") + jacobian_loss(logits, xp, estimator="exact")
+    loss.backward()
+    assert xp.grad is None and not _conv_grad._requests.ids
+    z, J = per_sample_jacobian(model, xp)
+    torch.testing.assert_close(loss, (ams_exact_from_jacobian(z, J) + J.pow(2).sum((1, 2))).mean(),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_penalty_input_shares_storage_and_cuts_the_graph() -> None:
+    x = torch.rand(2, 3, requires_grad=True)
+    xp = fastland.penalty_input(x * 1.0)
+    assert xp.is_leaf and xp.requires_grad and xp.grad_fn is None
+    base = torch.rand(2, 3)
+    assert fastland.penalty_input(base).data_ptr() == base.data_ptr()
 
 
 # --------------------------------------------------------------------------- modules

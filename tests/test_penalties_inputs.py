@@ -131,6 +131,33 @@ def test_non_finite_input_is_refused(where: str) -> None:
         assert torch.isfinite(jacobian_loss(linear(x2), x2, estimator="exact"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype: torch.dtype) -> None:
+    """The one-reduction check equals ``isfinite(t).all()``: a NaN, +inf, -inf or both infs
+    anywhere are caught; the largest finite values (whose float32 sum overflows) are not."""
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randn(3, 5, 7, generator=gen).to(dtype)
+    assert bool(_estimators.all_finite(t))
+    big = torch.full((4, 1000), torch.finfo(dtype).max, dtype=dtype)
+    assert bool(_estimators.all_finite(big)) and bool(_estimators.all_finite(-big))
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        u = t.clone()
+        u.view(-1)[torch.randperm(u.numel(), generator=gen)[:len(bad)]] = torch.tensor(bad, dtype=dtype)
+        assert not bool(_estimators.all_finite(u)), bad
+    assert bool(_estimators.all_finite(torch.arange(5)))
+
+
+def test_penalty_input_bad_input() -> None:
+    from fastland.penalties import penalty_input
+
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        penalty_input([1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="x: expected a floating-point dtype, got torch.int64"):
+        penalty_input(torch.arange(6).reshape(2, 3))
+    with pytest.raises(ValueError, match="x: expected at least 1"):
+        penalty_input(torch.tensor(1.0))
+
+
 def test_require_is_asynchronous_on_cuda_only() -> None:
     """CPU: a plain ValueError; the CUDA branch is torch._assert_async (no host sync)."""
     _estimators.require(torch.tensor(True), "never")
