@@ -50,12 +50,22 @@ def p_schedule(i: int, n_queries: int, p_init: float) -> float:
     return p_init / 512
 
 
-def _windows(side: int, n: int, shape: Tuple[int, ...], generator: Optional[torch.Generator],
-             like: Tensor) -> Tensor:
-    """One random ``side × side`` window per sample: ``[n, 1, H, W]`` 0/1 in ``like``'s dtype."""
+def _corners(side: int, n: int, shape: Tuple[int, ...], generator: Optional[torch.Generator],
+             like: Tensor) -> Tuple[Tensor, Tensor]:
+    """The top-left corners ``(top [n], left [n])`` (int64) of one random ``side × side``
+    window per sample inside an image of ``shape`` ``(C, H, W)``."""
     _, h, w = shape
     top = randint(h - side + 1, (n,), generator, like)
     left = randint(w - side + 1, (n,), generator, like)
+    return top, left
+
+
+def _windows(side: int, n: int, shape: Tuple[int, ...], generator: Optional[torch.Generator],
+             like: Tensor) -> Tensor:
+    """One random ``side × side`` window per sample: ``[n, 1, H, W]`` 0/1 in ``like``'s dtype
+    (the windows :func:`_candidate` draws from the same generator state)."""
+    _, h, w = shape
+    top, left = _corners(side, n, shape, generator, like)
     rows = torch.arange(h, device=like.device)
     cols = torch.arange(w, device=like.device)
     in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side)  # [n, H]
@@ -68,21 +78,29 @@ def _candidate(x: Tensor, x_best: Tensor, eps: float, side: int,
     """``Π(x_best + 2ε·s·window)`` ``[n, C, H, W]`` with one sign ``s`` per (sample, channel),
     signs redrawn (up to ``_RESAMPLE`` times, no query) where the window would not change.
 
-    The first draw and its ``_RESAMPLE`` redraws are drawn at once (``[_RESAMPLE + 1, n, C]``);
-    each sample takes the first draw that changes its window, else the last one: the sequential
-    redraw loop's result, with one draw instead of one per round."""
+    Only the window's pixels can change (``x_best`` is in the ball and the box), so they are
+    gathered as patches ``[n, C, side, side]``, moved and written into a copy of ``x_best``.
+    The first sign draw and its ``_RESAMPLE`` redraws are drawn at once
+    (``[_RESAMPLE + 1, n, C]``); each sample takes the first draw that changes its window, else
+    the last one: the sequential redraw loop's result, with one draw instead of one per round."""
     n, c = x.shape[:2]
-    window = _windows(side, n, tuple(x.shape[1:]), generator, x)
-    up = project(x_best + 2 * eps * window, x, eps)
-    down = project(x_best - 2 * eps * window, x, eps)
-    moves_up = (up != x_best).flatten(2).any(dim=2)  # [n, C]
-    moves_down = (down != x_best).flatten(2).any(dim=2)
+    top, left = _corners(side, n, tuple(x.shape[1:]), generator, x)
+    offsets = torch.arange(side, device=x.device)
+    index = (torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1),
+             (top[:, None] + offsets).view(n, 1, side, 1), (left[:, None] + offsets).view(n, 1, 1, side))
+    best, clean = x_best[index], x[index]  # [n, C, side, side]
+    up = project(best + 2 * eps, clean, eps)
+    down = project(best - 2 * eps, clean, eps)
+    moves_up = (up != best).flatten(2).any(dim=2)  # [n, C]
+    moves_down = (down != best).flatten(2).any(dim=2)
     draws = random_signs((_RESAMPLE + 1, n, c), generator, x) > 0  # [R + 1, n, C]
     moves = torch.where(draws, moves_up, moves_down).any(dim=2)  # [R + 1, n]
     moves[-1] = True  # the last draw is kept when none changes the window
     pick = moves.to(torch.int8).argmax(dim=0)  # [n], the first draw that moves
     signs = draws.gather(0, pick.view(1, n, 1).expand(1, n, c))[0]  # [n, C]
-    return torch.where(signs[:, :, None, None], up, down)
+    out = x_best.clone()
+    out[index] = torch.where(signs[:, :, None, None], up, down)
+    return out
 
 
 def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: int, p_init: float,
