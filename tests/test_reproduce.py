@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import fastland.experiments.jobs as jobs
 import fastland.experiments.reproduce as rp
 import fastland.experiments.train as tr
 from fastland.experiments.evaluate import EvalSettings
@@ -95,7 +96,7 @@ def test_reproduce_end_to_end_then_rerun_skips_finished_work(tmp_path, monkeypat
         raise AssertionError("finished work was redone")
 
     monkeypatch.setattr(tr, "fit", boom)
-    monkeypatch.setattr(rp, "evaluate", boom)
+    monkeypatch.setattr(jobs, "evaluate", boom)
     rp.reproduce("synthetic-lenet", out, **{**TINY, "epochs": 2}, figures=False)
     assert list(csv.DictReader((out / "results.csv").open())) == rows
 
@@ -126,3 +127,63 @@ def test_the_attack_flat_defence_joins_a_reproduction_with_its_variant_and_stren
     assert "directional" in specs[1].label
     default = rp.run_specs("synthetic-lenet", epochs=1, defences=("attack_flat",))[0]
     assert default.name == "attack_flat-difference" and default.config.lam > 0
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_aggregate_gives_means_and_the_std_over_seeds_against_hand_values():
+    evals = [{"clean_acc": 80.0, "pgd_acc": 10.0, "phi": -30.0, "n_strong": 16, "broken_by": {"clean": 20.0},
+              "masking_flags": [], "overfitting_flags": ["train and test part"], "settings": {"a": 1}},
+             {"clean_acc": 82.0, "pgd_acc": 12.0, "phi": -20.0, "n_strong": 16, "broken_by": {"clean": 18.0},
+              "masking_flags": ["Square breaks more"], "overfitting_flags": [], "settings": {"a": 1}},
+             {"clean_acc": 87.0, "pgd_acc": 8.0, "phi": -10.0, "n_strong": 16, "broken_by": {"clean": 13.0},
+              "masking_flags": [], "overfitting_flags": [], "settings": {"a": 1}}]
+    r = rp.aggregate(evals, [0, 1, 2])
+    # mean 83, deviations -3, -1, 4: variance (9 + 1 + 16) / (3 - 1) = 13
+    assert r["clean_acc"] == pytest.approx(83.0, abs=1e-12) and r["clean_acc_std"] == pytest.approx(13 ** 0.5, abs=1e-12)
+    assert r["pgd_acc"] == 10.0 and r["pgd_acc_std"] == pytest.approx(2.0, abs=1e-12)  # (4 + 0 + 4) / 2
+    assert r["phi_std"] == pytest.approx(10.0, abs=1e-12)
+    assert r["broken_by"] == {"clean": pytest.approx(17.0)} and r["n_strong"] == 16 and isinstance(r["n_strong"], int)
+    assert r["masking_flags"] == ["seed 1: Square breaks more"]
+    assert r["overfitting_flags"] == ["seed 0: train and test part"]
+    assert r["settings"] == {"a": 1} and r["n_seeds"] == 3 and "worst_case_acc_std" not in r
+    one = rp.aggregate(evals[:1], [5])
+    assert {k: v for k, v in one.items() if not k.endswith("_std") and k != "n_seeds"} == evals[0]
+    assert one["clean_acc_std"] is None and one["n_seeds"] == 1
+    with pytest.raises(ValueError, match="evals: expected one eval.json per seed"):
+        rp.aggregate(evals, [0])
+    assert rp.pm(1.234, None, 2) == "1.23" and rp.pm(1.234, 0.5, 1) == "1.2 ± 0.5"
+
+
+def test_seed_specs_keep_the_base_folder_and_name_the_others_by_seed():
+    spec = rp.run_specs("synthetic-lenet", epochs=1, defences=("at",), seed=3)[0]
+    runs = rp.seed_specs(spec, 3)
+    assert [r.name for r in runs] == ["at", "at-s4", "at-s5"] and [r.config.seed for r in runs] == [3, 4, 5]
+    assert all(r.config == tr.TrainConfig(**{**r.config.to_dict(), "synthetic_shape": (1, 28, 28)}).resolved()
+               for r in runs)
+    assert rp.seed_specs(spec, 1) == [spec]
+    with pytest.raises(ValueError, match="seeds: expected an integer >= 1, got 0"):
+        rp.seed_specs(spec, 0)
+
+
+def test_reproduce_with_two_seeds_trains_both_and_shows_the_spread(tmp_path):
+    out = tmp_path / "repro"
+    rp.reproduce("synthetic-lenet", out, **{**TINY, "defences": ("none",)}, seeds=2, figures=False)
+    for run, seed in (("none", 0), ("none-s1", 1)):
+        assert json.loads((out / run / "config.json").read_text())["seed"] == seed
+        assert (out / run / "eval.json").exists()
+    rows = {r["run"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert list(rows) == ["none"]
+    for run, r in rows.items():
+        e0, e1 = (json.loads((out / f / "eval.json").read_text()) for f in (run, f"{run}-s1"))
+        assert r["seeds"] == "2"
+        for key in ("clean_acc", "pgd_acc", "worst_case_acc"):
+            assert float(r[key]) == pytest.approx((e0[key] + e1[key]) / 2, abs=0.006)
+            assert float(r[f"{key}_std"]) == pytest.approx(abs(e0[key] - e1[key]) / 2 ** 0.5, abs=0.006)
+        assert float(r["phi_std"]) == pytest.approx(abs(e0["phi"] - e1["phi"]) / 2 ** 0.5, abs=0.006)
+    text = (out / "results.md").read_text()
+    assert "Means over 2 seeds (seed 0 to 1)" in text
+    none = rows["none"]
+    assert f"| No defence | {float(none['phi']):.1f} ± {float(none['phi_std']):.1f} " in text
+    assert f"| {float(none['clean_acc']):.2f} ± {float(none['clean_acc_std']):.2f} |" in text

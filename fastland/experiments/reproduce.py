@@ -11,29 +11,32 @@ paper's settings (:func:`fastland.train.paper_settings`), evaluates each
 
 Every model lives in its own run folder ``<out>/<run>/`` (checkpoint every
 epoch, ``eval.json`` once evaluated): rerunning skips finished models and
-evaluations and resumes unfinished training.
+evaluations and resumes unfinished training. With ``seeds=N`` each model is
+trained with N seeds (``<out>/<run>-s<seed>`` after the first) and the tables
+show means ± the standard deviation over seeds; with ``jobs=N`` the models train
+N at a time, each in its own process (:mod:`fastland.experiments.jobs`).
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
-import time
-from dataclasses import asdict, dataclass
+import math
+import statistics
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypedDict, Unpack
 
 import torch
 from torch import Tensor, nn
 
-from .evaluate import EvalSettings, default_eval_settings, evaluate
+from .evaluate import EvalSettings, default_eval_settings
 from .._io import atomic_write_text
 from ..choices import DEFENCES, PAPER_DEFENCES
 from .paper import CONFIGS, SWEEP_FACTORS, PaperRow, Setting, paper_settings
-from .train import TrainConfig, load_data, train
+from .train import TrainConfig, load_data
 
-__all__ = ["PaperRow", "Setting", "CONFIGS", "RunSpec", "run_specs", "default_out", "reproduce", "findings",
-           "landscape_figure"]
+__all__ = ["PaperRow", "Setting", "CONFIGS", "RunSpec", "run_specs", "seed_specs", "SpecOptions", "default_out",
+           "reproduce", "aggregate", "pm", "findings", "flag_lines", "eval_text", "write_csv", "landscape_figure"]
 
 
 @dataclass(frozen=True)
@@ -100,30 +103,54 @@ def run_specs(
     return specs
 
 
-def _evaluate_run(
-    spec: RunSpec, model: nn.Module, run_dir: Path, test: Tuple[Tensor, Tensor], s: EvalSettings, progress: bool
-) -> Dict[str, Any]:
-    """``eval.json`` of the run, computed once per evaluation setting."""
-    path = run_dir / "eval.json"
-    settings = json.loads(json.dumps(asdict(s)))
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("settings") == settings and _has_every_measure(cached, s):
-            return cached
-    t0 = time.perf_counter()
-    res = evaluate(model, *test, s, progress=progress)
-    res["eval_time_s"] = round(time.perf_counter() - t0, 1)
-    res["settings"] = settings
-    atomic_write_text(path, json.dumps(res, indent=2) + "\n")
-    return res
+# the measures whose spread over seeds the tables show (as ``<key>_std``), and the flag lists
+SPREAD_KEYS: Tuple[str, ...] = ("clean_acc", "pgd_acc", "worst_case_acc", "phi", "attack_flat")
+FLAG_KEYS: Tuple[str, ...] = ("masking_flags", "overfitting_flags")
 
 
-def _has_every_measure(res: Dict[str, Any], s: EvalSettings) -> bool:
-    """Whether a cached ``eval.json`` holds every measure this version reports (else it is recomputed)."""
-    need = {"clean_acc", "pgd_acc", "phi", "attack_flat", "anisotropy"}
-    if s.attack == "strong":
-        need |= {"worst_case_acc", "masking_flags"}
-    return need <= set(res)
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def aggregate(evals: Sequence[Dict[str, Any]], seeds: Sequence[int]) -> Dict[str, Any]:
+    """One table row from the ``eval.json`` of each seed of a model.
+
+    Numbers (and the numbers of a mapping such as ``broken_by``) become their mean
+    over seeds; each key of :data:`SPREAD_KEYS` present gets ``<key>_std``, the
+    standard deviation over seeds (ddof = 1; None for one seed); the flag lists of
+    :data:`FLAG_KEYS` are joined, each sentence prefixed ``seed k:`` when there are
+    several seeds; anything else is the first seed's. ``n_seeds`` is added. One
+    seed gives its ``eval.json`` unchanged (plus the None spreads and ``n_seeds``).
+    """
+    if len(evals) != len(seeds) or not evals:
+        raise ValueError(f"evals: expected one eval.json per seed ({len(seeds)}), got {len(evals)}")
+    out: Dict[str, Any] = dict(evals[0])
+    many = len(evals) > 1
+    for key, first in evals[0].items():
+        if not many:
+            break
+        values = [e.get(key) for e in evals]
+        if key in FLAG_KEYS:
+            out[key] = [f"seed {k}: {f}" for k, v in zip(seeds, values) for f in (v or [])]
+        elif all(_is_number(v) for v in values):
+            out[key] = first if all(v == first for v in values) else _mean(values)
+        elif isinstance(first, dict) and all(isinstance(v, dict) and v.keys() == first.keys() for v in values) \
+                and all(_is_number(x) for v in values for x in v.values()):
+            out[key] = {k: _mean([v[k] for v in values]) for k in first}
+    for key in SPREAD_KEYS:
+        if key in out:
+            out[f"{key}_std"] = statistics.stdev([e[key] for e in evals]) if many else None
+    out["n_seeds"] = len(evals)
+    return out
+
+
+def pm(mean: float, std: Optional[float], nd: int) -> str:
+    """``mean ± std`` with ``nd`` decimals (``mean`` alone when ``std`` is None)."""
+    return f"{mean:.{nd}f}" + ("" if std is None else f" ± {std:.{nd}f}")
 
 
 def findings(results: Dict[str, Dict[str, Any]]) -> List[Tuple[str, bool]]:
@@ -152,63 +179,89 @@ def findings(results: Dict[str, Dict[str, Any]]) -> List[Tuple[str, bool]]:
     return out
 
 
-def _fmt(v: Optional[float], nd: int = 2) -> str:
-    return "—" if v is None else f"{v:.{nd}f}"
+def _table_row(setting: str, spec: RunSpec, r: Dict[str, Any], train_time: float) -> Dict[str, Any]:
+    """One row of ``results.csv``: the (mean) numbers, rounded; with several seeds also their spreads."""
+    p = CONFIGS[setting].paper.get(spec.config.defence) if spec.main else None
+    opt = lambda key, nd: round(r[key], nd) if key in r else ""  # noqa: E731
+    row: Dict[str, Any] = {
+        "setting": setting, "run": spec.name, "defence": spec.label, "epochs": spec.config.epochs,
+        "phi": round(r["phi"], 2), "phi_stderr": round(r["phi_stderr"], 2),
+        "clean_acc": round(r["clean_acc"], 2), "pgd_acc": round(r["pgd_acc"], 2),
+        "paper_defence": p.label if p else "", "paper_phi": p.phi if p else "",
+        "paper_clean_acc": p.clean if p else "", "paper_pgd_acc": p.pgd if p else "",
+        "worst_case_acc": opt("worst_case_acc", 2), "attack_flat": opt("attack_flat", 3),
+        "anisotropy": opt("anisotropy", 2),
+        "train_time_s": round(train_time, 1), "eval_time_s": r.get("eval_time_s", ""),
+    }
+    if r.get("n_seeds", 1) > 1:
+        row["seeds"] = r["n_seeds"]
+        for key in SPREAD_KEYS:
+            std = r.get(f"{key}_std")
+            row[f"{key}_std"] = "" if std is None else round(std, 3 if key == "attack_flat" else 2)
+    return row
+
+
+def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file with a header."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _write_tables(out: Path, setting: str, specs: List[RunSpec], results: Dict[str, Dict[str, Any]],
                   train_times: Dict[str, float], s: EvalSettings, figures: List[str]) -> Path:
     st = CONFIGS[setting]
-    rows = []
-    for spec in specs:
-        r = results[spec.name]
-        p = st.paper.get(spec.config.defence) if spec.main else None
-        rows.append({
-            "setting": setting, "run": spec.name, "defence": spec.label, "epochs": spec.config.epochs,
-            "phi": round(r["phi"], 2), "phi_stderr": round(r["phi_stderr"], 2),
-            "clean_acc": round(r["clean_acc"], 2), "pgd_acc": round(r["pgd_acc"], 2),
-            "paper_defence": p.label if p else "", "paper_phi": p.phi if p else "",
-            "paper_clean_acc": p.clean if p else "", "paper_pgd_acc": p.pgd if p else "",
-            "worst_case_acc": round(r["worst_case_acc"], 2) if "worst_case_acc" in r else "",
-            "attack_flat": round(r["attack_flat"], 3) if "attack_flat" in r else "",
-            "anisotropy": round(r["anisotropy"], 2) if "anisotropy" in r else "",
-            "train_time_s": round(train_times[spec.name], 1), "eval_time_s": r.get("eval_time_s", ""),
-        })
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
-
+    rows = [_table_row(setting, spec, results[spec.name], train_times[spec.name]) for spec in specs]
+    write_csv(out / "results.csv", rows)
+    seeds = max(r.get("n_seeds", 1) for r in results.values())
     lines = [f"# fastland reproduce {setting}", "",
              f"{st.model} on {st.dataset}, {specs[0].config.epochs} epochs "
-             f"(paper: 200; {st.table}). Ours first, the paper's in parentheses.", "",
-             "| Defence | Φ (flatness ↑) | Clean acc. % ↑ | PGD acc. % ↑ | worst case % ↑ "
-             "| Φ_FGSM (flatness along FGSM ↑) | anisotropy | train time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"(paper: 200; {st.table}). Ours first, the paper's in parentheses.", ""]
+    if seeds > 1:
+        lines += [f"Means over {seeds} seeds (seed {specs[0].config.seed} to {specs[0].config.seed + seeds - 1}), "
+                  "± the standard deviation over seeds (ddof = 1); the findings are checked on the means.", ""]
+    lines += ["| Defence | Φ (flatness ↑) | Clean acc. % ↑ | PGD acc. % ↑ | worst case % ↑ "
+              "| Φ_FGSM (flatness along FGSM ↑) | anisotropy | train time |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row, spec in zip(rows, specs):
+        r = results[spec.name]
         p = st.paper.get(spec.config.defence) if spec.main else None
         paren = (lambda v: f" ({v})") if p else (lambda v: "")
-        wc = f"{row['worst_case_acc']:.2f}" if row["worst_case_acc"] != "" else "—"
-        af = f"{row['attack_flat']:.3f}" if row["attack_flat"] != "" else "—"
+        std = (lambda key: r.get(f"{key}_std")) if seeds > 1 else (lambda key: None)
+        phi_spread = r["phi_std"] if seeds > 1 else row["phi_stderr"]
+        wc = pm(r["worst_case_acc"], std("worst_case_acc"), 2) if "worst_case_acc" in r else "—"
+        af = pm(r["attack_flat"], std("attack_flat"), 3) if "attack_flat" in r else "—"
         an = f"{row['anisotropy']:.2f}" if row["anisotropy"] != "" else "—"
         lines.append(
-            f"| {row['defence']} | {row['phi']:.1f} ± {row['phi_stderr']:.1f}{paren(p.phi if p else '')} "
-            f"| {row['clean_acc']:.2f}{paren(p.clean if p else '')} | {row['pgd_acc']:.2f}{paren(p.pgd if p else '')} "
+            f"| {row['defence']} | {pm(r['phi'], phi_spread, 1)}{paren(p.phi if p else '')} "
+            f"| {pm(r['clean_acc'], std('clean_acc'), 2)}{paren(p.clean if p else '')} "
+            f"| {pm(r['pgd_acc'], std('pgd_acc'), 2)}{paren(p.pgd if p else '')} "
             f"| {wc} | {af} | {an} | {row['train_time_s'] / 60:.1f} min |")
     lines += _strong_lines(specs, results)
     main_results = {spec.config.defence: results[spec.name] for spec in specs if spec.main}
     lines += ["", "Findings of the paper, checked on our numbers:", ""]
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in findings(main_results)]
-    lines += ["", "Evaluation: " + _eval_text(s), ""]
+    lines += ["", "Evaluation: " + eval_text(s), ""]
     if figures:
         lines += ["Figures:", ""] + [f"- [{Path(f).stem}]({Path(f).name})" for f in figures] + [""]
     atomic_write_text(out / "results.md", "\n".join(lines))
     return out / "results.md"
 
 
+def flag_lines(r: Dict[str, Any]) -> List[str]:
+    """The masking flags of a result (a line saying there is none when the list is empty), then its
+    overfitting flags when the evaluation reports them."""
+    lines = [f"  - ⚠ {f}" for f in r.get("masking_flags") or []] or ["  - no gradient-masking flag"]
+    if "overfitting_flags" in r:
+        lines += [f"  - ⚠ {f}" for f in r["overfitting_flags"]] or ["  - no overfitting flag"]
+    return lines
+
+
 def _strong_lines(specs: List[RunSpec], results: Dict[str, Dict[str, Any]]) -> List[str]:
-    """Per model: how many points PGD-10 overstates robustness, who broke what, and the masking flags."""
+    """Per model: how many points PGD-10 overstates robustness, who broke what, the masking flags
+    (and, when evaluated, FGSM accuracy and the overfitting flags)."""
     out: List[str] = []
     for spec in specs:
         r = results[spec.name]
@@ -218,15 +271,17 @@ def _strong_lines(specs: List[RunSpec], results: Dict[str, Dict[str, Any]]) -> L
             out = ["", "Strong evaluation (worst case over APGD-CE, APGD-T and Square, per sample):", ""]
         over = r["pgd10_acc"] - r["worst_case_acc"]
         broke = ", ".join(f"{k} {v:.1f}%" for k, v in r["broken_by"].items())
+        fgsm = f", FGSM {r['fgsm_acc']:.1f}%" if "fgsm_acc" in r else ""
         out.append(f"- **{spec.label}**: PGD-10 overstates robustness by {over:.1f} points "
                    f"(PGD-10 {r['pgd10_acc']:.1f}%, worst case {r['worst_case_acc']:.1f}% on {r['n_strong']} images; "
-                   f"broken by: {broke}; PGD-100 {r['pgd100_acc']:.1f}%, APGD-CE at 4ε {r['large_eps_acc']:.1f}%).")
-        flags = r.get("masking_flags") or []
-        out += [f"  - ⚠ {f}" for f in flags] or ["  - no gradient-masking flag"]
+                   f"broken by: {broke}; PGD-100 {r['pgd100_acc']:.1f}%, APGD-CE at 4ε {r['large_eps_acc']:.1f}%"
+                   f"{fgsm}).")
+        out += flag_lines(r)
     return out
 
 
-def _eval_text(s: EvalSettings) -> str:
+def eval_text(s: EvalSettings) -> str:
+    """The evaluation settings in a sentence (the tables' last line)."""
     n = lambda v: "all" if v is None else str(v)  # noqa: E731
     from ..measures import FLATNESS_DIRS, FLATNESS_POINTS, FLATNESS_SPAN
 
@@ -259,54 +314,86 @@ def default_out(setting: str, epochs: int, *, train_size: Optional[int] = None, 
     return Path("runs") / "reproduce" / name
 
 
+class SpecOptions(TypedDict, total=False):
+    """The keywords of :func:`run_specs` that choose the models (their defaults are its defaults)."""
+
+    defences: Sequence[str]
+    train_size: Optional[int]
+    batch_size: int
+    seed: int
+    sweep: bool
+    variant: str
+    attack_lam: Optional[float]
+
+
+def seed_specs(spec: RunSpec, seeds: int) -> List[RunSpec]:
+    """``spec`` trained with ``seeds`` seeds: ``spec`` itself (its seed ``s``, its folder name), then
+    seeds ``s + 1``, ... in folders ``<name>-s<seed>``."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds: expected an integer >= 1, got {seeds!r}")
+    out = [spec]
+    for k in range(1, seeds):
+        seed = spec.config.seed + k
+        out.append(replace(spec, name=f"{spec.name}-s{seed}", config=replace(spec.config, seed=seed)))
+    return out
+
+
 def reproduce(
     setting: str,
     out: str | Path,
     *,
     epochs: int = 200,
-    defences: Sequence[str] = PAPER_DEFENCES,
     eval_settings: Optional[EvalSettings] = None,
-    train_size: Optional[int] = None,
-    batch_size: int = 128,
-    seed: int = 0,
-    sweep: bool = False,
-    variant: str = "difference",
-    attack_lam: Optional[float] = None,
+    seeds: int = 1,
+    jobs: int = 1,
     figures: bool = True,
     figure_points: Optional[int] = None,
     data_dir: Optional[str] = None,
     download: bool = False,
     device: str = "auto",
     progress: bool = True,
+    **options: Unpack[SpecOptions],
 ) -> Path:
     """Train, evaluate and report one setting of the paper; returns the path of ``results.md``.
 
-    ``figure_points`` sets the landscape figures' grid points per axis (None:
-    :func:`fastland.landscape`'s default).
+    Args:
+        setting: a key of :data:`CONFIGS` (``"fmnist-lenet"``, ...).
+        out: the output folder; each model's run folder is ``out/<run>`` (``out/<run>-s<seed>``
+            for the seeds after the first).
+        epochs: epochs per model.
+        eval_settings: the evaluation (None: the paper's for the data set, strong).
+        seeds: seeds per model (``seed``, ``seed + 1``, ...); the tables show the means and, for
+            several seeds, ± their standard deviation over seeds (ddof = 1).
+        jobs: 1 trains and evaluates the models one after the other in this process; more runs
+            that many at once, each in its own process (:func:`fastland.experiments.jobs.run_jobs`).
+        figures: draw Figs. 1-5 (from the first seed's models); ``figure_points`` sets the
+            landscape figures' grid points per axis (None: :func:`fastland.landscape`'s default).
+        options: which models (:func:`run_specs`' keywords: ``defences``, ``train_size``,
+            ``batch_size``, ``seed``, ``sweep``, ``variant``, ``attack_lam``).
 
     Resumable: finished models (``model.pt``) and evaluations (``eval.json`` with
     the same settings) are reused, unfinished training resumes from its checkpoint.
     """
+    from ._state import resolve_device
+    from .jobs import Job, run_jobs
+    from .train import load_trained
+
     out = Path(out)
-    specs = run_specs(setting, epochs=epochs, defences=defences, train_size=train_size,
-                      batch_size=batch_size, seed=seed, sweep=sweep,
-                      variant=variant, attack_lam=attack_lam)
+    specs = run_specs(setting, epochs=epochs, **options)
+    runs = {spec.name: seed_specs(spec, seeds) for spec in specs}
     st = CONFIGS[setting]
     s = eval_settings or default_eval_settings(st.dataset)
     test = load_data(specs[0].config, "test", data_dir=data_dir, download=download)
-    models: Dict[str, nn.Module] = {}
-    results: Dict[str, Dict[str, Any]] = {}
-    train_times: Dict[str, float] = {}
-    for i, spec in enumerate(specs):
-        if progress:
-            print(f"[{i + 1}/{len(specs)}] {setting}: {spec.label}", flush=True)
-        r = train(spec.config, out / spec.name, data_dir=data_dir, download=download, resume=True,
-                  device=device, progress=progress)
-        train_times[spec.name] = sum(m.get("time_s", 0.0) for m in r.metrics)
-        models[spec.name] = r.model.eval()
-        results[spec.name] = _evaluate_run(spec, r.model, out / spec.name, test, s, progress)
+    title = lambda r: f"{setting}: {r.label}" + (f" (seed {r.config.seed})" if seeds > 1 else "")  # noqa: E731
+    done = run_jobs([Job(r.name, r.config, out / r.name, s, title(r)) for group in runs.values() for r in group],
+                    n_jobs=jobs, data_dir=data_dir, download=download, device=device, progress=progress)
+    results = {name: aggregate([done[r.name].eval for r in group], [r.config.seed for r in group])
+               for name, group in runs.items()}
+    train_times = {name: _mean([done[r.name].train_time_s for r in group]) for name, group in runs.items()}
     fig_paths: List[str] = []
     if figures:
+        dev = resolve_device(device)
+        models = {spec.name: load_trained(out / spec.name, device=dev)[0] for spec in specs}
         fig_paths = _draw_figures(out, specs, models, results, test, figure_points)
     return _write_tables(out, setting, specs, results, train_times, s, fig_paths)
 
