@@ -1,4 +1,4 @@
-"""Penalties that flatten ``log p`` along the attack direction (the paper's open question).
+"""Penalties that flatten ``log p`` or the decision along the attack direction (the paper's open question).
 
 AMSReg and Jacobian regularisation flatten ``log p`` in random directions but
 not along the directions attacks take (the paper's Fig. 5). These penalties
@@ -15,11 +15,26 @@ model in eval mode (like PGD in adversarial training) and detached:
   ``x' = Π(x₀ + 1.25·ε·sign(∇CE(x₀)))``, ``x₀ = x + U(−ε, ε)`` (Wong et al.'s
   "fast" adversarial example; ``Π`` projects to the ε-ball and ``[0, 1]``),
   instead of at ``x``. In AMSReg's units: its λ is AMSReg's.
+* ``"margin"``: ``relu(m(x) − m(x'))²``, ``m = z_y − max_{c≠y} z_c`` the true-class
+  margin and ``x' = clip(x + ε·d, 0, 1)``: how far one FGSM step lowers the margin
+  (0 when it does not). For small ε it is ``ε²·relu(−d'ᵀ∇x m)²``, ``d' = (x' − x)/ε``.
+* ``"kl"``: ``KL(p(·|x) ‖ p(·|x'))`` at the same ``x'``: how far one FGSM step moves
+  the predicted distribution (TRADES' term at the FGSM point instead of a KL-ascent
+  one). For small ε it is ``(ε²/2)·d'ᵀ F d'``, ``F = Jᵀ(diag p − ppᵀ)J`` the Fisher
+  information of the prediction w.r.t. the input: half the variance under ``p`` of
+  the logits' slopes along ``d'``, where ``"directional"`` is the square of their mean.
 
-The points ``x + ε·d`` are not clipped to ``[0, 1]``: they lie on the line
-that :func:`fastland.attack_flatness` measures. Every penalty is differentiable
-w.r.t. the model's parameters; the objective is ``CE + (λ/2)·penalty``, as for
-AMSReg (``fastland.Defence("attack_flat", lam=..., eps=..., variant=...)``).
+``"margin"`` and ``"kl"`` judge the *decision* (both are 0 for a model whose
+logits move by a common amount, which changes only ``log p``); ``"difference"``
+and ``"directional"`` judge ``log p`` (docs/design.md §6).
+
+The points ``x + ε·d`` of ``"difference"`` are not clipped to ``[0, 1]``: they lie
+on the line that :func:`fastland.attack_flatness` measures. Those of ``"margin"``
+and ``"kl"`` are (they stand for the attack, which the box confines). Nothing is
+detached but ``d``: the clean term takes gradients too (as in TRADES). Every
+penalty is differentiable w.r.t. the model's parameters; the objective is
+``CE + (λ/2)·penalty``, as for AMSReg
+(``fastland.Defence("attack_flat", lam=..., eps=..., variant=...)``).
 
 Defaults for Fashion-MNIST: ``eps = 10/255`` (adversarial training's ε) and
 :data:`ATTACK_FLAT_LAM`, chosen by one small sweep (one seed; λ ∈ {0.5, 5, 50} for
@@ -46,6 +61,7 @@ from torch import Tensor, nn
 
 from ._checks import check_images, check_model
 from ._grid import check_logits
+from .attacks.losses import margin_loss
 from .choices import ATTACK_PENALTY_VARIANTS, ESTIMATORS, REDUCTIONS
 from .neighbourhood import check_labels, fgsm_direction
 
@@ -54,7 +70,8 @@ __all__ = ["ATTACK_PENALTY_VARIANTS", "ATTACK_FLAT_EPS", "ATTACK_FLAT_LAM", "att
 #: ε of the attack-direction penalties on Fashion-MNIST (that of adversarial training).
 ATTACK_FLAT_EPS = 10 / 255
 #: Default λ per variant on Fashion-MNIST (objective ``CE + (λ/2)·penalty``).
-ATTACK_FLAT_LAM: Dict[str, float] = {"difference": 5.0, "directional": 0.5, "fgsm_amsreg": 0.1}
+ATTACK_FLAT_LAM: Dict[str, float] = {"difference": 5.0, "directional": 0.5, "fgsm_amsreg": 0.1,
+                                     "margin": 1.0, "kl": 10.0}
 
 
 def _check(model: nn.Module, x: Tensor, y: Optional[Tensor], eps: float, variant: str, reduction: str,
@@ -98,6 +115,31 @@ def _directional(model: nn.Module, x: Tensor, d: Tensor, eps: float) -> Tensor:
     return (eps * (g * d).flatten(1).sum(dim=1)).square()
 
 
+def _fgsm_step(x: Tensor, d: Tensor, eps: float) -> Tensor:
+    """The FGSM point ``clip(x + ε·d, 0, 1)`` ``[B, *S]`` of the decision variants."""
+    return (x + eps * d).clamp(0.0, 1.0)
+
+
+def _clean_logits(model: nn.Module, x: Tensor, logits: Optional[Tensor]) -> Tensor:
+    return logits if logits is not None else check_logits(model(x), x)
+
+
+def _margin(model: nn.Module, x: Tensor, y: Tensor, d: Tensor, eps: float, logits: Optional[Tensor]) -> Tensor:
+    """``relu(m(x) − m(x'))²`` ``[B]``, ``m = z_y − max_{c≠y} z_c``, ``x' = clip(x + ε·d, 0, 1)``."""
+    z = _clean_logits(model, x, logits)
+    if z.shape[1] < 2:
+        raise ValueError(f"model: the 'margin' variant needs logits of at least 2 classes, got shape {tuple(z.shape)}")
+    z_adv = check_logits(model(_fgsm_step(x, d, eps)), x)
+    return torch.relu(margin_loss(z, y) - margin_loss(z_adv, y)).square()
+
+
+def _kl(model: nn.Module, x: Tensor, d: Tensor, eps: float, logits: Optional[Tensor]) -> Tensor:
+    """``KL(p(·|x) ‖ p(·|x'))`` ``[B]``, ``x' = clip(x + ε·d, 0, 1)``."""
+    log_p = torch.log_softmax(_clean_logits(model, x, logits), dim=-1)
+    log_q = torch.log_softmax(check_logits(model(_fgsm_step(x, d, eps)), x), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
 def _fgsm_amsreg(model: nn.Module, attack_model: nn.Module, x: Tensor, y: Tensor, eps: float,
                  estimator: str, n_proj: int, generator: Optional[torch.Generator]) -> Tensor:
     """AMSReg's per-sample penalty at the random-start FGSM point ``[B]``."""
@@ -125,7 +167,7 @@ def attack_flatness_loss(
     attack_model: Optional[nn.Module] = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """A penalty that flattens ``log p`` along the FGSM direction (batch mean by default).
+    """A penalty that flattens ``log p`` or the decision along the FGSM direction (batch mean by default).
 
     The objective is ``cross_entropy + lam / 2 * attack_flatness_loss(model, x, y)``.
     The direction ``d = sign(∇x CE)`` (and the FGSM point of ``"fgsm_amsreg"``) is
@@ -139,9 +181,11 @@ def attack_flatness_loss(
         y: ``[B]`` integer labels (the direction needs them).
         eps: the L∞ step ``ε > 0`` in pixel units (default 10/255).
         variant: one of :data:`ATTACK_PENALTY_VARIANTS`: ``"difference"``,
-            ``"directional"`` or ``"fgsm_amsreg"`` (see the module docstring).
-        logits: ``model(x)`` ``[B, C]`` if already computed (``"difference"`` then
-            skips one forward pass); ignored by the other variants.
+            ``"directional"``, ``"fgsm_amsreg"``, ``"margin"`` or ``"kl"`` (see the
+            module docstring).
+        logits: ``model(x)`` ``[B, C]`` if already computed (``"difference"``,
+            ``"margin"`` and ``"kl"`` then skip one forward pass; pass them with their
+            graph for the clean term's gradient); ignored by the other variants.
         estimator, n_proj: AMSReg's estimator (``"fgsm_amsreg"`` only; see
             :func:`fastland.amsreg_loss`).
         generator: on ``x``'s device: the random start and projections of ``"fgsm_amsreg"``.
@@ -166,6 +210,12 @@ def attack_flatness_loss(
         per_sample = _fgsm_amsreg(model, attacker, x, y, float(eps), estimator, n_proj, generator)
     else:
         d = fgsm_direction(attacker, x, y)
-        per_sample = (_difference(model, x, d, float(eps), logits) if variant == "difference"
-                      else _directional(model, x, d, float(eps)))
+        if variant == "difference":
+            per_sample = _difference(model, x, d, float(eps), logits)
+        elif variant == "directional":
+            per_sample = _directional(model, x, d, float(eps))
+        elif variant == "margin":
+            per_sample = _margin(model, x, y, d, float(eps), logits)
+        else:
+            per_sample = _kl(model, x, d, float(eps), logits)
     return _reduce(per_sample, reduction)

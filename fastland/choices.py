@@ -15,7 +15,7 @@ __all__ = ["DEFENCES", "PAPER_DEFENCES", "ATTACK_PENALTY_VARIANTS", "ATTACK_DIRE
 DEFENCES: Tuple[str, ...] = ("none", "at", "jacobian", "amsreg", "attack_flat")
 PAPER_DEFENCES: Tuple[str, ...] = DEFENCES[:4]
 # variants of the attack-direction penalty (fastland.attack_flatness_loss, Defence("attack_flat", variant=...))
-ATTACK_PENALTY_VARIANTS: Tuple[str, ...] = ("difference", "directional", "fgsm_amsreg")
+ATTACK_PENALTY_VARIANTS: Tuple[str, ...] = ("difference", "directional", "fgsm_amsreg", "margin", "kl")
 # the line directions of fastland.attack_flatness (or a tensor)
 ATTACK_DIRECTIONS: Tuple[str, ...] = ("fgsm", "pgd", "random")
 # penalty estimators (fastland.amsreg_loss / jacobian_loss)
