@@ -92,6 +92,19 @@ def test_checkpoints_follow_the_papers_p_j() -> None:
     assert checkpoints(1) == [1] and checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamp_to_the_feasible_box_is_the_projection_to_the_bit(dtype) -> None:
+    from fastland.attacks._checks import feasible_box, project
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(7, 3, 5, 3, generator=g, dtype=dtype)
+    x[0], x[1] = 0.0, 1.0
+    v = x + 0.6 * (2 * torch.rand(x.shape, generator=g, dtype=dtype) - 1)
+    for eps in (0.0, 0.03, 0.5, 2.0):
+        lo, hi = feasible_box(x, eps)
+        assert torch.equal(v.clamp(lo, hi), project(v, x, eps))
+
+
 # --------------------------------------------------------------------------- against a per-sample reference
 
 

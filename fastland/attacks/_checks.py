@@ -25,6 +25,7 @@ __all__ = [
     "check_generator",
     "clean_logits",
     "project",
+    "feasible_box",
     "misclassified",
     "rand",
     "randint",
@@ -83,6 +84,14 @@ def clean_logits(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         raise ValueError(f"model: expected logits of shape ({x.shape[0]}, C), got {got}")
     _check_labels_in_range(y, logits)
     return logits
+
+
+def feasible_box(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """``(lo, hi)`` ``[B, *S]``: the intersection of the ε-ball around ``x`` and ``[0, 1]``,
+    ``[max(x − ε, 0), min(x + ε, 1)]`` per entry (never empty for ``x`` in ``[0, 1]``), so
+    ``v.clamp(lo, hi)`` is :func:`project` ``(v, x, eps)`` to the bit (both are comparisons only)
+    in one operation."""
+    return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
 
 
 def rand(shape: Tuple[int, ...], generator: Optional[torch.Generator], like: Tensor) -> Tensor:

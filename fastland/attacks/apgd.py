@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import attack_mode, check_attack_call, check_fraction, check_number, clean_logits, misclassified
-from ._checks import project, rand
+from ._checks import feasible_box, rand
 from .losses import LOSSES, targeted_dlr_loss
 
 __all__ = ["apgd", "apgd_targeted", "checkpoints"]
@@ -83,11 +83,12 @@ class _Batch:
             self.__dict__[name] = value[rows]
 
 
-def _step(s: _Batch, eps: float, x: Tensor, momentum: float) -> Tensor:
-    """One momentum step of APGD from ``s.x_cur`` ``[n, *S]``."""
-    eta = s.eta.view(-1, *[1] * (x.dim() - 1))
-    z = project(s.x_cur + eta * s.grad.sign(), x, eps)
-    return project(s.x_cur + momentum * (z - s.x_cur) + (1 - momentum) * (s.x_cur - s.x_prev), x, eps)
+def _step(s: _Batch, momentum: float) -> Tensor:
+    """One momentum step of APGD from ``s.x_cur`` ``[n, *S]``, projected to ``[s.lo, s.hi]``
+    (the ε-ball and ``[0, 1]``)."""
+    eta = s.eta.view(-1, *[1] * (s.x_cur.dim() - 1))
+    z = (s.x_cur + eta * s.grad.sign()).clamp_(s.lo, s.hi)
+    return (s.x_cur + momentum * (z - s.x_cur) + (1 - momentum) * (s.x_cur - s.x_prev)).clamp_(s.lo, s.hi)
 
 
 def _check_progress(s: _Batch, segment: int, rho: float) -> None:
@@ -160,12 +161,13 @@ def _batched_run(
     logits, loss, grad = _loss_and_grad(model, x_start, y, target, loss_fn)
     r = x.shape[0]
     s = _Batch(
-        owner=owner, x=x, y=y, x_cur=x_start, x_prev=x_start, grad=grad,
+        owner=owner, y=y, x_cur=x_start, x_prev=x_start, grad=grad,
         loss_prev=loss, x_best=x_start, loss_best=loss, grad_best=grad,
         eta=torch.full((r,), 2.0 * eps, dtype=x.dtype, device=x.device),
         n_rises=torch.zeros(r, dtype=torch.int64, device=x.device),
         halved_last=torch.ones(r, dtype=torch.bool, device=x.device), loss_best_last=loss.clone(),
     )
+    s.lo, s.hi = feasible_box(x, eps)
     if target is not None:
         s.target = target
     marks, last_mark = checkpoints(steps), 0
@@ -183,7 +185,7 @@ def _batched_run(
             _check_progress(s, i - last_mark, rho)
             last_mark = i
         with torch.no_grad():
-            x_new = _step(s, eps, s.x, _MOMENTUM if i > 0 else 1.0)
+            x_new = _step(s, _MOMENTUM if i > 0 else 1.0)
         logits, loss, grad = _loss_and_grad(model, x_new, s.y, getattr(s, "target", None), loss_fn)
         better = loss > s.loss_best
         s.n_rises = s.n_rises + (loss > s.loss_prev)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import attack_mode, check_attack_call, check_fraction, check_number, clean_logits, misclassified
-from ._checks import project, randint, random_signs
+from ._checks import feasible_box, randint, random_signs
 from .losses import margin_loss
 
 __all__ = ["square", "square_attack", "p_schedule"]
@@ -88,9 +88,10 @@ def _candidate(x: Tensor, x_best: Tensor, eps: float, side: int,
     offsets = torch.arange(side, device=x.device)
     index = (torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1),
              (top[:, None] + offsets).view(n, 1, side, 1), (left[:, None] + offsets).view(n, 1, 1, side))
-    best, clean = x_best[index], x[index]  # [n, C, side, side]
-    up = project(best + 2 * eps, clean, eps)
-    down = project(best - 2 * eps, clean, eps)
+    best = x_best[index]  # [n, C, side, side]
+    lo, hi = feasible_box(x[index], eps)
+    up = (best + 2 * eps).clamp_(lo, hi)
+    down = (best - 2 * eps).clamp_(lo, hi)
     moves_up = (up != best).flatten(2).any(dim=2)  # [n, C]
     moves_down = (down != best).flatten(2).any(dim=2)
     draws = random_signs((_RESAMPLE + 1, n, c), generator, x) > 0  # [R + 1, n, C]
