@@ -1,0 +1,1 @@
+"""Independent peer implementations that the benchmarks compare fastland with."""
