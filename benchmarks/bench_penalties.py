@@ -7,6 +7,11 @@ Groups:
 * ``penalties-proj-n{1,4,8}``: AMSReg ``projection`` with ``n_proj`` projections as
   the JacobianReg-style Python loop (baseline, written here), as one batched
   backward (``is_grads_batched``), and fastland's per-device default.
+* ``penalties-dropin``: the drop-ins as users paste them, each with a plain
+  ``loss.backward()``: a plain CE step (baseline), fastland's README form
+  (``x = fastland.penalty_input(x)``) for ``amsreg_loss`` and ``jacobian_loss``, the
+  older form on the caller's own ``x.requires_grad_(True)`` (also fills ``x.grad``), and
+  the Hoffman et al. peer (``benchmarks/peers/hoffman_jacobian.py``) in its users' form.
 
 Run (process CPU time, one intra-op thread: on a shared CPU with few cores wall
 time swings 2-3x with other processes' load, CPU time by a few percent)::
@@ -26,7 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastland import models
-from fastland.penalties import amsreg_loss, jacobian_loss
+from fastland.penalties import amsreg_loss, jacobian_loss, penalty_input
+
+try:
+    from peers.hoffman_jacobian import JacobianReg as HoffmanJacobianReg
+except ImportError:  # run from the repository root: benchmarks/ is not on the path
+    from benchmarks.peers.hoffman_jacobian import JacobianReg as HoffmanJacobianReg
 
 BATCH, LAM = 128, 0.5
 Penalty = Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]]
@@ -133,12 +143,62 @@ def test_projection_paths(benchmark, setup, n_proj: int, path: str) -> None:
         benchmark.extra_info["baseline"] = True
 
 
-def interleaved(rounds: int = 15) -> None:
+# --------------------------------------------------------------------------- drop-ins as pasted
+
+JAC_LAM = 0.01  # Table 2's Jacobian strength (the cost does not depend on it)
+_hoffman = HoffmanJacobianReg(n=1)
+
+
+def dropin_step(model: nn.Module, x0: Tensor, y: Tensor, opt: torch.optim.Optimizer, form: str) -> float:
+    """One SGD step of a drop-in exactly as its users write it, plain ``loss.backward()``.
+
+    ``form``: ``plain_ce`` (the baseline: ``x`` needs no grad), ``amsreg_penalty_input`` /
+    ``jacobian_penalty_input`` (fastland's README form), ``amsreg_requires_grad`` /
+    ``jacobian_requires_grad`` (the older form: the caller's ``x.requires_grad_(True)``),
+    ``hoffman_peer`` (Hoffman et al.'s ``JacobianReg(n=1)(x, logits)``, added as ``λ·R``).
+    """
+    if form == "plain_ce":
+        x = x0.clone()
+    elif form.endswith("penalty_input"):
+        x = penalty_input(x0)
+    else:
+        x = x0.clone().requires_grad_(True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    if form.startswith("amsreg"):
+        loss = loss + LAM / 2 * amsreg_loss(logits, x)
+    elif form.startswith("jacobian"):
+        loss = loss + JAC_LAM / 2 * jacobian_loss(logits, x)
+    elif form == "hoffman_peer":
+        loss = loss + JAC_LAM * _hoffman(x, logits)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+DROPINS = ("plain_ce", "amsreg_penalty_input", "amsreg_requires_grad", "jacobian_penalty_input",
+           "jacobian_requires_grad", "hoffman_peer")
+
+
+@pytest.mark.benchmark(group="penalties-dropin")
+@pytest.mark.parametrize("form", DROPINS)
+def test_dropin_step(benchmark, setup, form: str) -> None:
+    model, x, y, opt = setup
+    loss = benchmark.pedantic(dropin_step, args=(model, x, y, opt, form), rounds=7, iterations=1,
+                              warmup_rounds=1)
+    assert loss == loss
+    if form == "plain_ce":
+        benchmark.extra_info["baseline"] = True
+
+
+def interleaved(rounds: int = 15, only: str = "") -> None:
     """Load-robust ratios on a shared machine: every case once per round, in turn,
     so that a burst of load from other processes hits all cases alike; process
     CPU time (one thread); prints each case's median and min over the rounds
     and its ratio to the group's baseline.
-    Run: ``.venv/bin/python benchmarks/bench_penalties.py``."""
+    Run: ``.venv/bin/python benchmarks/bench_penalties.py [ROUNDS [GROUP]]`` (GROUP a word
+    of the groups' titles, e.g. ``drop-ins``: that group alone)."""
     import time
 
     torch.set_num_threads(THREADS)
@@ -149,12 +209,17 @@ def interleaved(rounds: int = 15) -> None:
     groups = {"estimators (÷ plain_ce_step)": {k: v for k, v in ESTIMATORS.items()}}
     for n in (1, 4, 8):
         groups[f"proj-n{n} (÷ loop)"] = {p: (PATHS[p](n), False) for p in PATHS}
+    groups = {"drop-ins as pasted (÷ plain_ce)": {f: f for f in DROPINS}, **groups}
+    groups = {t: c for t, c in groups.items() if only in t}
     for title, cases in groups.items():
         times = {k: [] for k in cases}
         for r in range(rounds + 1):
-            for k, (pen, params_only) in cases.items():
+            for k, case in cases.items():
                 t = time.process_time()
-                train_step(model, x, y, opt, pen, params_only)
+                if isinstance(case, str):
+                    dropin_step(model, x, y, opt, case)
+                else:
+                    train_step(model, x, y, opt, *case)
                 if r:  # round 0 warms up
                     times[k].append(time.process_time() - t)
         base = next(iter(cases))
@@ -167,4 +232,6 @@ def interleaved(rounds: int = 15) -> None:
 
 
 if __name__ == "__main__":
-    interleaved()
+    import sys
+
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 15, sys.argv[2] if len(sys.argv) > 2 else "")

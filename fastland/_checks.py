@@ -1,14 +1,20 @@
 """Argument checks shared by every public function.
 
 Each error names the argument, what was expected and what was received, so
-that a user sees at once which call is wrong.
+that a user sees at once which call is wrong. The grid functions (landscape,
+flatness) resolve all their checks with one call at their entry
+(:func:`check_landscape_call`, :func:`check_flatness_call`) and pass plain,
+checked tensors down.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
+
+from .choices import DIRECTION_KINDS
 
 
 def check_tensor(
@@ -82,10 +88,11 @@ def check_model(model: object) -> None:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
-def check_images(name: str, x: object, *, warn_outside: bool = True) -> torch.Tensor:
+def check_images(name: str, x: object, *, warn_outside: bool = True, stacklevel: int = 3) -> torch.Tensor:
     """``x`` a non-empty floating ``[N, *S]`` tensor without NaN/inf; warns when it leaves [0, 1].
 
-    One host synchronisation for both checks (finite, in the unit box).
+    One host synchronisation for both checks (finite, in the unit box). The warning points
+    ``stacklevel`` frames up (3: the caller of the function that called this one).
     """
     import warnings
 
@@ -100,7 +107,7 @@ def check_images(name: str, x: object, *, warn_outside: bool = True) -> torch.Te
         warnings.warn(
             f"{name}: expected pixel values in [0, 1], got values in [{x.min().item():.4g}, "
             f"{x.max().item():.4g}]; fastland models normalise inside the model, pass unnormalised images",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return x
 
@@ -111,3 +118,59 @@ def check_model_dtype(model: nn.Module, x: torch.Tensor) -> None:
     if p is not None and p.dtype != x.dtype:
         raise TypeError(f"x: expected dtype {p.dtype} (that of the model's parameters), got {x.dtype}; "
                         f"convert one of them (x.to({p.dtype}) or model.to({x.dtype}))")
+
+
+def check_span_points(span: float, points: int) -> None:
+    """``points`` an int >= 1, ``span`` a finite number > 0."""
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise ValueError(f"points: expected an integer >= 1 (grid points per axis), got {points!r}")
+    if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
+        raise ValueError(f"span: expected a finite number > 0 (half-width in pixel units, e.g. 8/255), got {span!r}")
+
+
+def check_labels(x: torch.Tensor, y: Any) -> None:
+    """``y`` must be ``[N]`` integer labels on ``x``'s device."""
+    if y is None:
+        raise ValueError("y: FGSM directions need labels; pass y=[N] integer labels")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y: expected integer labels of shape [{x.shape[0]}], got {got}")
+    check_same_device(("x", "y"), (x, y))
+
+
+def check_flatness_args(n_dirs: int, span: float, points: int, reduction: str, directions: str) -> None:
+    """One-line errors for the grid settings of :func:`fastland.flatness`."""
+    check_span_points(span, points)
+    if isinstance(n_dirs, bool) or not isinstance(n_dirs, int) or n_dirs < 1:
+        raise ValueError(f"n_dirs: expected an integer >= 1, got {n_dirs!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction: expected 'sum' or 'mean', got {reduction!r}")
+    if not isinstance(directions, str) or directions not in DIRECTION_KINDS:
+        what = f"a {type(directions).__name__}" if not isinstance(directions, str) else repr(directions)
+        raise ValueError(f"directions: expected one of {DIRECTION_KINDS} (flatness draws its own pairs), got {what}")
+
+
+def _check_model_and_images(model: object, x: object) -> None:
+    """``x`` images ``[N, *S]`` (see :func:`check_images`) for ``model``, an ``nn.Module`` of ``x``'s dtype."""
+    check_images("x", x, stacklevel=5)
+    assert isinstance(model, nn.Module) and isinstance(x, torch.Tensor)
+    check_model_dtype(model, x)
+
+
+def check_landscape_call(model: object, x: object, y: object, span: float, points: int, directions: object) -> None:
+    """Every check of :func:`fastland.landscape` that needs no forward (the given pair is checked where it is read)."""
+    check_model(model)
+    check_span_points(span, points)
+    _check_model_and_images(model, x)
+    if isinstance(directions, str) and directions == "fgsm":
+        check_labels(x, y)  # type: ignore[arg-type]
+
+
+def check_flatness_call(model: object, x: object, y: object, n_dirs: int, span: float, points: int,
+                        reduction: str, directions: str) -> None:
+    """Every check of :func:`fastland.flatness` that needs no forward, in the order of its arguments' errors."""
+    check_model(model)
+    check_flatness_args(n_dirs, span, points, reduction, directions)
+    _check_model_and_images(model, x)
+    if directions == "fgsm":
+        check_labels(x, y)  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ._fusion import FirstLayerSplit, split_first_layer, verify_split
 
 __all__ = ["CPU_BUDGET_BYTES", "MAX_AUTO_POINTS", "eval_mode", "check_logits", "GridPlan", "plan",
-           "flat_grid", "grid_chunks", "ams_scores"]
+           "grid_axis", "flat_grid", "grid_chunks", "ams_scores", "chunk_ams_scores"]
 
 CPU_BUDGET_BYTES = 512 * 2**20
 MAX_AUTO_POINTS = 4096
@@ -176,6 +176,19 @@ def _unfusable(model: nn.Module) -> ValueError:
     )
 
 
+def grid_axis(span: float, points: int, dtype: torch.dtype = torch.float32,
+              device: Union[str, torch.device, None] = None) -> Tensor:
+    """``points`` evenly spaced values on ``[-span, span]`` (``[0]`` for one point), unchecked: ``[points]``.
+
+    Computed in float64, then cast; the centre is exactly 0 for odd ``points``.
+    """
+    if points == 1:
+        return torch.zeros(1, dtype=dtype, device=device)
+    half = (points - 1) / 2
+    k = torch.arange(points, dtype=torch.float64, device=device) - half
+    return (k * (span / half)).to(dtype)
+
+
 def flat_grid(alphas: Tensor, betas: Tensor) -> Tuple[Tensor, Tensor]:
     """Grid points ``(a [G], b [G])``, ``G = Sb·Sa``, alphas varying fastest."""
     return alphas.repeat(betas.shape[0]), betas.repeat_interleave(alphas.shape[0])
@@ -252,3 +265,22 @@ def ams_scores(model: nn.Module, x: Tensor) -> Tensor:
         lse = torch.logsumexp(check_logits(model(xg), xg), dim=-1)
         (grad,) = torch.autograd.grad(lse.sum(), xg)
     return -grad.flatten(1).norm(dim=1)
+
+
+def fused_ams_scores(split: FirstLayerSplit, h: Tensor, sample_shape: Tuple[int, ...]) -> Tensor:
+    """AMS scores of the points whose first-layer outputs are ``h`` ``[B, *H]``: ``[B]``.
+
+    ``∇x log p = L₀ᵀ ∇h log p``: autograd through the rest of the model, then the
+    first layer's adjoint (the same input-gradient kernel autograd would run).
+    """
+    with torch.enable_grad():
+        hg = h.detach().requires_grad_(True)
+        lse = torch.logsumexp(split.rest(hg), dim=-1)
+        (gh,) = torch.autograd.grad(lse.sum(), hg)
+    with torch.no_grad():
+        return -split.linear_transpose(gh, sample_shape).flatten(1).norm(dim=1)
+
+
+def chunk_ams_scores(p: GridPlan, model: nn.Module, pts: Tensor, sample_shape: Tuple[int, ...]) -> Tensor:
+    """AMS scores of one chunk ``pts`` of :func:`grid_chunks` (first-layer outputs when ``p`` fuses): ``[B]``."""
+    return fused_ams_scores(p.split, pts, sample_shape) if p.split is not None else ams_scores(model, pts)

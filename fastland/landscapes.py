@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import check_images, check_model, check_model_dtype
-from ._grid import GridPlan, check_logits, eval_mode, flat_grid, grid_chunks, plan
-from .neighbourhood import Directions, check_span_points, draw_pairs, given_pair, grid_coordinates
+from ._checks import check_landscape_call
+from ._grid import GridPlan, check_logits, eval_mode, flat_grid, grid_axis, grid_chunks, plan
+from .neighbourhood import Directions, draw_pairs, given_pair
 
 __all__ = ["LANDSCAPE_SPAN", "LANDSCAPE_POINTS", "Landscape", "landscape", "landscape_values"]
 
@@ -125,14 +125,7 @@ def landscape(
         land = fastland.landscape(model, x, span=16 / 255, points=41)
         land.values.shape  # [N, 41, 41]
     """
-    check_model(model)
-    check_span_points(span, points)
-    check_images("x", x)
-    check_model_dtype(model, x)
-    if isinstance(directions, str) and directions == "fgsm":
-        from .neighbourhood import check_labels
-
-        check_labels(x, y)
+    check_landscape_call(model, x, y, span, points, directions)
     with eval_mode(model):
         p = plan(model, x, batch_size=batch_size, fuse_first_layer=fuse_first_layer, backward=False)
         if isinstance(directions, str):
@@ -140,7 +133,7 @@ def landscape(
             d1, d2 = d1s[0], d2s[0]
         else:
             d1, d2 = given_pair(x, directions)
-        alphas = grid_coordinates(span, points, dtype=x.dtype, device=x.device)
+        alphas = grid_axis(span, points, x.dtype, x.device)
         res = landscape_values(model, x, d1, d2, alphas, alphas.clone(), p)
     kind = directions if isinstance(directions, str) else "given"
     return Landscape(alphas, alphas.clone(), res.values, res.base_lse, d1, d2,

@@ -6,21 +6,21 @@ and ``n = n_dirs`` direction pairs per sample; ``Φ = mean_i φ(x_i)``. Higher
 (closer to 0) is flatter. Grid points go through forward and backward in batches
 (one VJP per batch, input gradients only), with the first-layer fusion of
 :mod:`fastland._grid` when the model allows it (the input gradient is then
-``L₀ᵀ ∇h log p``).
+``L₀ᵀ ∇h log p``). :func:`flatness` resolves its checks and the fused path once at
+its entry and hands plain tensors and the plan down.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_images, check_model, check_model_dtype
-from ._fusion import FirstLayerSplit
-from ._grid import GridPlan, ams_scores, eval_mode, flat_grid, grid_chunks, plan
-from .neighbourhood import DIRECTION_KINDS, check_labels, check_span_points, draw_pairs, grid_coordinates
+from ._checks import check_flatness_args, check_flatness_call  # noqa: F401 (check_flatness_args: the runs read it here)
+from ._grid import GridPlan, chunk_ams_scores, eval_mode, flat_grid, grid_axis, grid_chunks, plan
+from .neighbourhood import draw_pairs
 
 __all__ = ["FLATNESS_SPAN", "FLATNESS_POINTS", "FLATNESS_DIRS", "Flatness", "flatness", "flatness_values"]
 
@@ -55,20 +55,6 @@ class Flatness:
         return cls(phi, mean, stderr, meta)
 
 
-def _fused_ams_scores(split: FirstLayerSplit, h: Tensor, sample_shape: Tuple[int, ...]) -> Tensor:
-    """AMS scores of the points whose first-layer outputs are ``h`` ``[B, *H]``: ``[B]``.
-
-    ``∇x log p = L₀ᵀ ∇h log p``: autograd through the rest of the model, then the
-    first layer's adjoint (the same input-gradient kernel autograd would run).
-    """
-    with torch.enable_grad():
-        hg = h.detach().requires_grad_(True)
-        lse = torch.logsumexp(split.rest(hg), dim=-1)
-        (gh,) = torch.autograd.grad(lse.sum(), hg)
-    with torch.no_grad():
-        return -split.linear_transpose(gh, sample_shape).flatten(1).norm(dim=1)
-
-
 def flatness_values(
     model: nn.Module, x: Tensor, d1: Tensor, d2: Tensor, alphas: Tensor, betas: Tensor, p: GridPlan,
     *, reduction: str = "sum",
@@ -87,24 +73,12 @@ def flatness_values(
     base = x.unsqueeze(0).expand_as(d1).reshape(n * N, *x.shape[1:])
     totals = torch.zeros(n * N, dtype=torch.float64, device=x.device)
     for i0, i1, g0, g1, pts in grid_chunks(p, base, d1.reshape(base.shape), d2.reshape(base.shape), a, b):
-        s = _fused_ams_scores(p.split, pts, x.shape[1:]) if p.split is not None else ams_scores(model, pts)
+        s = chunk_ams_scores(p, model, pts, x.shape[1:])
         totals[i0:i1] += s.view(i1 - i0, g1 - g0).sum(dim=1, dtype=torch.float64)
     phi = totals.view(n, N).mean(dim=0)
     if reduction == "mean":
         phi = phi / G
     return phi.to(x.dtype)
-
-
-def check_flatness_args(n_dirs: int, span: float, points: int, reduction: str, directions: str) -> None:
-    """One-line errors for the grid settings of :func:`flatness`."""
-    check_span_points(span, points)
-    if isinstance(n_dirs, bool) or not isinstance(n_dirs, int) or n_dirs < 1:
-        raise ValueError(f"n_dirs: expected an integer >= 1, got {n_dirs!r}")
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction: expected 'sum' or 'mean', got {reduction!r}")
-    if not isinstance(directions, str) or directions not in DIRECTION_KINDS:
-        what = f"a {type(directions).__name__}" if not isinstance(directions, str) else repr(directions)
-        raise ValueError(f"directions: expected one of {DIRECTION_KINDS} (flatness draws its own pairs), got {what}")
 
 
 def flatness(
@@ -145,15 +119,10 @@ def flatness(
         phi = fastland.flatness(model, x, generator=torch.Generator().manual_seed(0))
         print(phi.mean, "±", phi.stderr)
     """
-    check_model(model)
-    check_flatness_args(n_dirs, span, points, reduction, directions)
-    check_images("x", x)
-    check_model_dtype(model, x)
-    if directions == "fgsm":
-        check_labels(x, y)
+    check_flatness_call(model, x, y, n_dirs, span, points, reduction, directions)
     meta = {"n_dirs": n_dirs, "span": float(span), "points": points, "reduction": reduction,
             "directions": directions}
-    grid = grid_coordinates(span, points, dtype=x.dtype, device=x.device)
+    grid = grid_axis(span, points, x.dtype, x.device)
     with eval_mode(model):
         p = plan(model, x, batch_size=batch_size, fuse_first_layer=fuse_first_layer, backward=True)
         d1, d2 = draw_pairs(model, x, y, directions, n_dirs, generator)

@@ -18,8 +18,8 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_same_device, check_tensor
-from ._grid import eval_mode
+from ._checks import check_labels, check_same_device, check_span_points, check_tensor
+from ._grid import eval_mode, grid_axis
 
 __all__ = ["DIRECTION_KINDS", "directions", "orthogonal_signs", "fgsm_direction", "grid_coordinates"]
 
@@ -60,6 +60,10 @@ def _gaussian(x: Tensor, generator: Optional[torch.Generator]) -> Tuple[Tensor, 
     return d1.to(x.dtype).view_as(x), d2.to(x.dtype).view_as(x)
 
 
+# the random kinds: kind -> (x [N, *S], generator) -> (d1, d2), each [N, *S], unchecked
+_RANDOM = {"rademacher": _rademacher, "gaussian": _gaussian}
+
+
 def directions(
     x: Tensor, kind: str = "rademacher", *, generator: Optional[torch.Generator] = None
 ) -> Tuple[Tensor, Tensor]:
@@ -77,13 +81,16 @@ def directions(
         d1, d2 = fastland.directions(x, generator=torch.Generator().manual_seed(0))
     """
     check_tensor("x", x, min_ndim=2)
+    _check_features(x)
+    if kind not in _RANDOM:
+        raise ValueError(f"kind: expected 'rademacher' or 'gaussian' (for 'fgsm' use fgsm_direction), got {kind!r}")
+    return _RANDOM[kind](x, generator)
+
+
+def _check_features(x: Tensor) -> None:
+    """At least two features per sample: orthogonal signed directions need ``D = prod(S) >= 2``."""
     if math.prod(x.shape[1:]) < 2:
         raise ValueError(f"x: expected at least 2 features per sample, got shape {tuple(x.shape)}")
-    if kind == "rademacher":
-        return _rademacher(x, generator)
-    if kind == "gaussian":
-        return _gaussian(x, generator)
-    raise ValueError(f"kind: expected 'rademacher' or 'gaussian' (for 'fgsm' use fgsm_direction), got {kind!r}")
 
 
 def orthogonal_signs(d1: Tensor, *, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -127,26 +134,21 @@ def fgsm_direction(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return _input_gradient(model, x, y, first=True).sign().to(x.dtype)
 
 
-def check_labels(x: Tensor, y: Any) -> None:
-    """``y`` must be ``[N]`` integer labels on ``x``'s device."""
-    if y is None:
-        raise ValueError("y: FGSM directions need labels; pass y=[N] integer labels")
-    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
-        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"y: expected integer labels of shape [{x.shape[0]}], got {got}")
-    check_same_device(("x", "y"), (x, y))
-
-
 def draw_pairs(
     model: nn.Module, x: Tensor, y: Optional[Tensor], kind: str, n: int, generator: Optional[torch.Generator]
 ) -> Tuple[Tensor, Tensor]:
-    """``n`` direction pairs per sample of kind ``kind``: ``(d1, d2)`` each ``[n, N, *S]``."""
+    """``n`` direction pairs per sample of kind ``kind``: ``(d1, d2)`` each ``[n, N, *S]``.
+
+    ``x`` is a checked ``[N, *S]`` batch (the grid functions check it at their entry); the
+    random kinds are drawn without re-checking it, ``"fgsm"`` goes through :func:`fgsm_direction`.
+    """
     if kind not in DIRECTION_KINDS:
         raise ValueError(f"directions: expected one of {DIRECTION_KINDS} or a pair (d1, d2), got {kind!r}")
     if kind == "fgsm":
         return fgsm_pairs(fgsm_direction(model, x, y), n, generator)  # type: ignore[arg-type]
+    _check_features(x)
     rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * x.shape[0], *x.shape[1:])
-    d1, d2 = directions(rep, kind, generator=generator)
+    d1, d2 = _RANDOM[kind](rep, generator)
     return d1.view(n, *x.shape), d2.view(n, *x.shape)
 
 
@@ -184,14 +186,6 @@ def given_pair(x: Tensor, pair: Any) -> Tuple[Tensor, Tensor]:
     return out[0], out[1]
 
 
-def check_span_points(span: float, points: int) -> None:
-    """``points`` an int >= 1, ``span`` a finite number > 0."""
-    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-        raise ValueError(f"points: expected an integer >= 1 (grid points per axis), got {points!r}")
-    if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
-        raise ValueError(f"span: expected a finite number > 0 (half-width in pixel units, e.g. 8/255), got {span!r}")
-
-
 def grid_coordinates(span: float, points: int, *, dtype: torch.dtype = torch.float32,
                      device: Union[str, torch.device, None] = None) -> Tensor:
     """``points`` evenly spaced values on ``[-span, span]``; the centre is exactly 0 for odd ``points``.
@@ -199,8 +193,4 @@ def grid_coordinates(span: float, points: int, *, dtype: torch.dtype = torch.flo
     ``points = 1`` gives ``[0]``. Returns ``[points]``.
     """
     check_span_points(span, points)
-    if points == 1:
-        return torch.zeros(1, dtype=dtype, device=device)
-    half = (points - 1) / 2
-    k = torch.arange(points, dtype=torch.float64, device=device) - half
-    return (k * (span / half)).to(dtype)
+    return grid_axis(span, points, dtype, device)

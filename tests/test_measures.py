@@ -1,6 +1,7 @@
 """fastland.flatness and ams_score against the references."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -80,3 +81,107 @@ def test_ams_score_fast_path_equals_reference(batch_size):
                                reference.ams_score(model.eval(), x), **TOL64)
 
 
+
+
+# --------------------------------------------------------------------------- the path of x through flatness
+
+# fastland modules that are kernels (plain tensors in and out, like torch): not followed into
+_KERNELS = ("fastland.ops", "fastland.fast_conv", "fastland._conv_grad")
+
+
+@functools.lru_cache(maxsize=None)
+def _module_of(filename: str) -> "str | None":
+    """``fastland.<module>`` of a source file of the package, else None."""
+    import fastland
+
+    root = Path(fastland.__file__).resolve().parent
+    path = Path(filename)
+    if path.suffix != ".py" or root not in path.resolve().parents:
+        return None
+    parts = path.resolve().relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_kernel(module: str) -> bool:
+    return any(module == k or module.startswith(k + ".") for k in _KERNELS)
+
+
+def module_entries(call) -> List["tuple[str, str | None]"]:
+    """``(module entered, calling module or None)`` for each fastland module that ``call()`` enters, in order.
+
+    See :func:`test_flatness_path_of_x` for what counts as entering a module.
+    """
+    entries: List["tuple[str, str | None]"] = []
+
+    def profile(frame, event, _arg) -> None:
+        if event != "call":
+            return
+        module = _module_of(frame.f_code.co_filename)
+        if module is None:
+            return
+        chain = []  # the fastland modules of the calling frames, innermost first
+        f = frame.f_back
+        while f is not None:
+            m = _module_of(f.f_code.co_filename)
+            if m is not None:
+                chain.append(m)
+            f = f.f_back
+        if _is_kernel(module) or any(_is_kernel(m) for m in chain):
+            return
+        if not chain or chain[0] != module:
+            entries.append((module, chain[0] if chain else None))
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return entries
+
+
+def path_counts(entries: List[str]) -> "tuple[int, int, dict]":
+    """``(distinct modules, climbs back, {module: times entered})`` of the modules entered, in order."""
+    times = {m: entries.count(m) for m in dict.fromkeys(entries)}
+    return len(times), sum(1 for n in times.values() if n > 1), times
+
+
+def test_path_counts_on_a_made_up_path():
+    assert path_counts(["a", "b", "c", "b", "d", "b", "c"]) == (4, 2, {"a": 1, "b": 3, "c": 2, "d": 1})
+    assert path_counts(["a"]) == (1, 0, {"a": 1})
+
+
+def _lenet_like() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 10))
+
+
+def test_flatness_path_of_x():
+    """Following ``x`` through ``fastland.flatness(model, x)`` (a LeNet-like model, fused first layer).
+
+    What is counted: ``sys.setprofile`` records every Python call during one call of
+    ``flatness(model, x)`` (after a first call, so that imports are not counted). A call
+    *enters* a fastland module when its function is defined in that module and the nearest
+    calling frame of fastland is in another module (or there is none: the entry itself);
+    frames outside fastland (torch, the standard library, this test, the model) are
+    transparent, and the kernels — ``fastland.ops`` (the fused ``torch.library`` ops) and
+    ``fastland.fast_conv`` / ``fastland._conv_grad`` — count like torch: neither they nor
+    anything they call is followed. The path is the sequence of modules entered. Counted:
+    the distinct modules on the path (<= 5), and the *climbs back*: the modules entered
+    again after the call had left them (the stack went A → B, back to the caller, and
+    later into A again), each module once however often it is re-entered (<= 2). And the
+    modules form a tree: each is entered from one calling module only (the checks from the
+    entry, the first-layer split from the grid driver).
+    """
+    model = _lenet_like()
+    x = torch.rand(3, 1, 12, 12)
+    run = lambda: flatness(model, x, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    run()
+    entries = module_entries(run)
+    n_modules, climbs, times = path_counts([m for m, _ in entries])
+    assert entries[0] == ("fastland.measures", None), entries
+    assert "fastland._fusion" in times, "the fused path should be taken"
+    assert n_modules <= 5, times
+    assert climbs <= 2, times
+    callers = {m: {c for mm, c in entries if mm == m} for m in times}
+    assert all(len(c) == 1 for c in callers.values()), callers

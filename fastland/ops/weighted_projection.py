@@ -72,19 +72,27 @@ if triton_available():
         return tl.where(C == 1, 1.0, v)
 
     @triton.jit
-    def _weighted_projection_fwd_kernel(
-        z_ptr, noise_ptr, cot_ptr, lse_ptr, P, B, C,
-        SOFTMAX: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    def _softmax_rows(z_ptr, B, C, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's ``[BLOCK_B, BLOCK_C]`` block of the logits ``z [B, C]``.
+
+        Returns ``(rows, rmask, mask, offs, prob, lse)``: row indices and mask ``[BLOCK_B]``,
+        the element mask and row-major offsets ``[BLOCK_B, BLOCK_C]``, ``softmax(z)``
+        ``[BLOCK_B, BLOCK_C]`` and ``logsumexp(z)`` ``[BLOCK_B]`` in ``ACC_DTYPE``.
+        """
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < B
         mask = rmask[:, None] & (cols < C)[None, :]
         e, s, m = row_softmax(z_ptr, rows, cols, B, C, ACC_DTYPE)
-        prob = e / s[:, None]
-        tl.store(lse_ptr + rows, (m + tl.log(s)).to(lse_ptr.dtype.element_ty), mask=rmask)
-        offs = rows[:, None] * C + cols[None, :]
+        return rows, rmask, mask, rows[:, None] * C + cols[None, :], e / s[:, None], m + tl.log(s)
+
+    @triton.jit
+    def _weighted_projection_fwd_kernel(
+        z_ptr, noise_ptr, cot_ptr, lse_ptr, P, B, C,
+        SOFTMAX: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        rows, rmask, mask, offs, prob, lse = _softmax_rows(z_ptr, B, C, ACC_DTYPE, BLOCK_B, BLOCK_C)
+        tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=rmask)
         n_ptrs = noise_ptr + offs
         c_ptrs = cot_ptr + offs
         for _ in tl.range(0, P):
@@ -102,16 +110,9 @@ if triton_available():
         gcot_ptr, glse_ptr, z_ptr, noise_ptr, gz_ptr, P, B, C,
         SOFTMAX: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        cols = tl.arange(0, BLOCK_C)
-        rmask = rows < B
-        mask = rmask[:, None] & (cols < C)[None, :]
-        e, s, _ = row_softmax(z_ptr, rows, cols, B, C, ACC_DTYPE)
-        prob = e / s[:, None]
+        rows, rmask, mask, offs, prob, _ = _softmax_rows(z_ptr, B, C, ACC_DTYPE, BLOCK_B, BLOCK_C)
         glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
         glse = glse.to(ACC_DTYPE)
-        offs = rows[:, None] * C + cols[None, :]
         if SOFTMAX:
             w = tl.zeros_like(prob)
             n_ptrs = noise_ptr + offs
