@@ -12,7 +12,7 @@ import pytest
 from fastland.experiments.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("train", "evaluate", "landscape", "flatness", "reproduce", "demo")
+SUBCOMMANDS = ("train", "evaluate", "landscape", "flatness", "reproduce", "front", "demo")
 
 
 def _run(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -86,6 +86,34 @@ def test_impossible_settings_are_one_line_errors(tmp_path, capsys):
     _assert_one_line_error(capsys.readouterr().err, "run_dir: no model.pt or checkpoint.pt")
     assert main(["reproduce", "synthetic-lenet", "--defences", "none,magic", "--out", str(tmp_path / "p")]) == 2
     _assert_one_line_error(capsys.readouterr().err, "defences: expected a non-empty subset")
+
+
+def test_reproduce_and_front_help_list_seeds_and_jobs(capsys):
+    import os
+
+    for sub in ("reproduce", "front"):
+        assert main([sub, "--help"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--seeds SEEDS" in out and "--jobs JOBS" in out
+        assert f"the usable cores) (default: {len(os.sched_getaffinity(0))})" in out
+    args = build_parser().parse_args(["reproduce", "synthetic-lenet"])
+    assert (args.seeds, args.jobs) == (1, len(os.sched_getaffinity(0)))
+    assert build_parser().parse_args(["front"]).seeds == 3
+    assert main(["reproduce", "synthetic-lenet", "--seeds", "0"]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "argument --seeds: expected an integer >= 1, got '0'")
+
+
+def test_failed_jobs_are_one_line_naming_the_run_and_its_log_exit_1(tmp_path, capsys):
+    out = tmp_path / "p"
+    for run in ("none", "amsreg"):  # folders of other settings: both jobs fail as soon as they start
+        (out / run).mkdir(parents=True)
+        (out / run / "config.json").write_text(json.dumps({"model": "lenet", "dataset": "synthetic", "lr": 0.5}))
+    rc = main(["reproduce", "synthetic-lenet", "--defences", "none,amsreg", "--epochs", "1", "--out", str(out),
+               "--jobs", "2", "--no-progress", "--no-figures"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    _assert_one_line_error(err, "fastland reproduce: error: run ")
+    assert "written with other settings" in err and "job.log" in err and "also failed:" in err
 
 
 def test_fractions_parse_as_pixel_units():

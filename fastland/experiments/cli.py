@@ -1,7 +1,7 @@
 """The ``fastland`` command (also ``python -m fastland``).
 
 Subcommands: ``train``, ``evaluate``, ``landscape``, ``flatness``,
-``reproduce``, ``demo``; ``fastland <subcommand> --help`` lists every option
+``reproduce``, ``front``, ``demo``; ``fastland <subcommand> --help`` lists every option
 with its default. Bad arguments and missing data end with one line on stderr
 (``fastland: error: ...``) and exit status 2; set ``FASTLAND_DEBUG=1`` for the
 traceback instead.
@@ -221,10 +221,50 @@ def _reproduce_parser(sub: Any) -> None:
                    help="the attack_flat defence's penalty (with --defences ...,attack_flat)")
     p.add_argument("--attack-lam", type=_nonneg_float, default=None,
                    help="λ of the attack_flat defence (default: its variant's)")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="seeds per model: --seed, --seed+1, ... (folders <run>, <run>-s<seed>); the tables show "
+                        "means ± the standard deviation over seeds")
+    _add_jobs_option(p)
     _add_eval_options(p, n_phi=1000)
     _add_data_options(p)
     _add_run_options(p)
     p.set_defaults(func=_command("reproduce"))
+
+
+def _add_jobs_option(p: argparse.ArgumentParser) -> None:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    p.add_argument("--jobs", type=_positive_int, default=cores,
+                   help="models trained and evaluated at once, each in its own process with one thread, the "
+                        "longest first (1: one after the other in this process; default: the usable cores)")
+
+
+def _front_parser(sub: Any) -> None:
+    p = sub.add_parser("front", help="the robustness-cost front of cheap defences on Fashion-MNIST / LeNet-5",
+                       formatter_class=_FMT,
+                       description="Train (resuming) and evaluate each point of the front (a defence and its "
+                                   "settings, fastland.experiments.front.POINTS) with several seeds, and write "
+                                   "front.md, front.csv and front.png: worst-case accuracy against the cost of a "
+                                   "training step as a share of PGD-AT's, the non-dominated points marked.")
+    p.add_argument("--epochs", type=_positive_int, default=20, help="epochs per model")
+    p.add_argument("--out", default=None, help="output folder, one run folder <point>-s<seed> per model "
+                                               "(None: runs/front/fmnist-lenet-<epochs>ep)")
+    p.add_argument("--seeds", type=_positive_int, default=3,
+                   help="seeds per point (0, 1, ...); the points marked 'one seed' use 1")
+    p.add_argument("--points", default=None, help="comma-separated points to run (None: all)")
+    p.add_argument("--costs", default="benchmarks/results/front.json",
+                   help="pytest-benchmark JSON of benchmarks/bench_front.py (a step's mean time per defence)")
+    p.add_argument("--figure", default=None, help="also copy front.png there (e.g. docs/front.png)")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: the table from the finished models (evaluated when needed), "
+                        "the others marked missing")
+    _add_jobs_option(p)
+    _add_eval_options(p, n_phi=1000)
+    _add_data_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=_command("front"))
 
 
 def _demo_parser(sub: Any) -> None:
@@ -254,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastland {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_train_parser, _evaluate_parser, _landscape_parser, _flatness_parser, _reproduce_parser, _demo_parser):
+    for add in (_train_parser, _evaluate_parser, _landscape_parser, _flatness_parser, _reproduce_parser,
+                _front_parser, _demo_parser):
         add(sub)
     return parser
 

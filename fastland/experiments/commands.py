@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cmd_train", "cmd_evaluate", "cmd_flatness", "cmd_landscape", "cmd_reproduce", "cmd_demo"]
+__all__ = ["cmd_train", "cmd_evaluate", "cmd_flatness", "cmd_landscape", "cmd_reproduce", "cmd_front", "cmd_demo"]
 
 
 def _eval_settings(args: argparse.Namespace, dataset: str, seed: int = 0) -> Any:
@@ -151,19 +151,51 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str) -> tuple:
+    """A comma-separated list as a tuple of its non-empty names."""
+    return tuple(d.strip() for d in text.split(",") if d.strip())
+
+
+def _report_failed_jobs(command: str, e: Exception) -> int:
+    """A failed job (the others finished): one line naming the run and its log, exit status 1."""
+    print(f"fastland {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .jobs import JobFailed
     from .reproduce import CONFIGS, default_out, reproduce
 
-    defences = tuple(d.strip() for d in args.defences.split(",") if d.strip())
     out = args.out or default_out(args.setting, args.epochs, train_size=args.train_size,
                                   batch_size=args.batch_size, seed=args.seed)
     s = _eval_settings(args, CONFIGS[args.setting].dataset, args.seed)
-    report = reproduce(args.setting, out, epochs=args.epochs, defences=defences, eval_settings=s,
-                       train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, sweep=args.sweep,
-                       variant=args.variant, attack_lam=args.attack_lam, figures=not args.no_figures,
+    try:
+        report = reproduce(args.setting, out, epochs=args.epochs, defences=_names(args.defences), eval_settings=s,
+                           train_size=args.train_size, batch_size=args.batch_size, seed=args.seed,
+                           seeds=args.seeds, jobs=args.jobs, sweep=args.sweep, variant=args.variant,
+                           attack_lam=args.attack_lam, figures=not args.no_figures, data_dir=args.data_dir,
+                           download=args.download, device=args.device, progress=not args.no_progress)
+    except JobFailed as e:
+        return _report_failed_jobs("reproduce", e)
+    print(f"results: {report}")
+    return 0
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from .front import SETTING, default_out, front
+    from .jobs import JobFailed
+    from .reproduce import CONFIGS
+
+    s = _eval_settings(args, CONFIGS[SETTING].dataset)
+    try:
+        report = front(args.out or default_out(args.epochs), epochs=args.epochs, seeds=args.seeds,
+                       points=_names(args.points) if args.points is not None else None, eval_settings=s,
+                       costs=args.costs, figure=args.figure, train=not args.no_train, jobs=args.jobs,
                        data_dir=args.data_dir, download=args.download, device=args.device,
                        progress=not args.no_progress)
-    print(f"results: {report}")
+    except JobFailed as e:
+        return _report_failed_jobs("front", e)
+    print(f"front: {report}")
     return 0
 
 

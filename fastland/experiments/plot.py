@@ -1,4 +1,5 @@
-"""The paper's figures: landscapes (Figs. 1, 2, 5), log p histograms (Fig. 3), Φ vs accuracy (Fig. 4).
+"""The paper's figures: landscapes (Figs. 1, 2, 5), log p histograms (Fig. 3), Φ vs accuracy (Fig. 4),
+and the robustness-cost front of ``fastland front``.
 
 Headless by construction: figures are ``matplotlib.figure.Figure`` objects
 built without ``pyplot``, so no GUI backend is selected, no global figure
@@ -32,6 +33,7 @@ __all__ = [
     "plot_landscapes",
     "plot_loglik_histograms",
     "plot_flatness_vs_accuracy",
+    "plot_front",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -304,6 +306,64 @@ def plot_flatness_vs_accuracy(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    save_figure(fig, path)
+    return fig
+
+
+# --------------------------------------------------------------------------- the robustness-cost front
+
+
+def plot_front(
+    cost: Sequence[float],
+    robust: Sequence[float],
+    robust_std: Sequence[float],
+    *,
+    labels: Sequence[str],
+    on_front: Sequence[bool],
+    title: Optional[str] = None,
+    xlabel: str = "training step cost (share of PGD-AT's step)",
+    ylabel: str = "worst-case accuracy (%)",
+    path: Paths = None,
+) -> Figure:
+    """Robust accuracy against training cost, one point per defence, the non-dominated ones marked
+    and joined (``fastland front``).
+
+    Args:
+        cost: each point's cost (e.g. its step time over PGD-AT's).
+        robust: each point's robust accuracy (the mean over seeds); robust_std: its error bar (0: none).
+        labels: a label per point (e.g. ``"at: clean 80.1%"``).
+        on_front: whether each point is non-dominated (drawn filled, joined in cost order).
+        title, xlabel, ylabel: texts; path: file(s) to write.
+    Returns:
+        the figure.
+    """
+    xs, ys, es = [float(v) for v in cost], [float(v) for v in robust], [float(v) for v in robust_std]
+    if not xs:
+        raise ValueError("cost: expected at least one value, got none")
+    for name, seq in (("robust", ys), ("robust_std", es), ("labels", labels), ("on_front", on_front)):
+        if len(seq) != len(xs):
+            raise ValueError(f"{name}: expected {len(xs)} values (one per cost), got {len(seq)}")
+    if not all(math.isfinite(v) for v in xs + ys + es) or min(es) < 0:
+        raise ValueError("cost, robust, robust_std: expected finite numbers (robust_std >= 0)")
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    for front, style in ((False, dict(mfc="white", color="tab:gray")), (True, dict(color="tab:red"))):
+        idx = [k for k in range(len(xs)) if bool(on_front[k]) == front]
+        if idx:
+            ax.errorbar([xs[k] for k in idx], [ys[k] for k in idx], yerr=[es[k] for k in idx], fmt="o", capsize=3,
+                        label="on the front" if front else "dominated", **style)
+    line = sorted((xs[k], ys[k]) for k in range(len(xs)) if on_front[k])
+    if len(line) > 1:
+        ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="tab:red", alpha=0.6)
+    for k, lab in enumerate(labels):
+        ax.annotate(str(lab), (xs[k], ys[k]), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+    ax.margins(x=0.25, y=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
     if title:
         ax.set_title(title)
     save_figure(fig, path)
