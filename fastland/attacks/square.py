@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ._checks import attack_mode, check_attack_call, check_fraction, check_number, clean_logits, misclassified
 from ._checks import feasible_box, randint, random_signs
-from .losses import margin_loss
+from .losses import _true_and_best_other, margin_loss
 
 __all__ = ["square", "square_attack", "p_schedule"]
 
@@ -118,15 +118,14 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: i
     idx, xs, ys = torch.arange(n, device=x.device), x, y
     x_best = (x + eps * random_signs((n, c, 1, w), generator, x)).clamp(0.0, 1.0)
     logits = model(x_best)
-    best = margin_loss(logits, y)
+    best = margin_loss(logits, y)  # checks the logits once; the loop uses the unchecked parts
+    hit = misclassified(logits, ys)  # [n]: misclassified at x_best
     for i in range(n_queries):
-        hit = misclassified(logits, ys)
         if bool(hit.any()):
             x_out[idx[hit]], broken[idx[hit]] = x_best[hit], True
             margin_out[idx[hit]] = float("-inf")
             keep = ~hit
             idx, xs, ys, x_best, best = idx[keep], xs[keep], ys[keep], x_best[keep], best[keep]
-            logits = logits[keep]
             if idx.numel() == 0:
                 break
         if i == n_queries - 1:
@@ -134,11 +133,13 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: i
         side = min(max(int(round(math.sqrt(p_schedule(i, n_queries, p_init) * h * w))), 1), h, w)
         x_new = _candidate(xs, x_best, eps, side, generator)
         new_logits = model(x_new)
-        margin = margin_loss(new_logits, ys)
-        take = (margin < best) | misclassified(new_logits, ys)
+        z_y, z_other = _true_and_best_other(new_logits, ys)
+        margin = z_y - z_other
+        # a misclassified candidate is always taken, so x_best is misclassified exactly where hit
+        hit = misclassified(new_logits, ys)
+        take = (margin < best) | hit
         x_best = torch.where(take.view(-1, 1, 1, 1), x_new, x_best)
         best = torch.where(take, margin, best)
-        logits = torch.where(take[:, None], new_logits, logits)
     x_out[idx], margin_out[idx] = x_best, best
     return x_out, margin_out, broken
 
