@@ -11,8 +11,9 @@ __all__ = ["DEFENCES", "PAPER_DEFENCES", "ATTACK_PENALTY_VARIANTS", "ATTACK_DIRE
            "ESTIMATORS", "JACOBIAN_ESTIMATORS", "REDUCTIONS", "BACKENDS", "MODELS",
            "DATASETS", "DIRECTION_KINDS", "FLATNESS_REDUCTIONS", "ATTACKS", "PERTURBATIONS", "EVAL_ATTACKS"]
 
-# training defences (fastland.Defence): the paper's four, then fastland's attack-direction flattening
-DEFENCES: Tuple[str, ...] = ("none", "at", "jacobian", "amsreg", "attack_flat")
+# training defences (fastland.Defence): the paper's four, fastland's attack-direction flattening, then two
+# baselines beyond the paper: fast adversarial training (FGSM with a random start) and TRADES
+DEFENCES: Tuple[str, ...] = ("none", "at", "jacobian", "amsreg", "attack_flat", "fgsm_rs", "trades")
 PAPER_DEFENCES: Tuple[str, ...] = DEFENCES[:4]
 # variants of the attack-direction penalty (fastland.attack_flatness_loss, Defence("attack_flat", variant=...))
 ATTACK_PENALTY_VARIANTS: Tuple[str, ...] = ("difference", "directional", "fgsm_amsreg", "margin", "kl")

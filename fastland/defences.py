@@ -11,7 +11,18 @@ A :class:`Defence` is a small spec: which objective and its few numbers.
   :func:`fastland.amsreg_loss`);
 * ``attack_flat``: ``mean CE + (λ/2)·mean penalty`` with the attack-direction
   penalty :func:`fastland.attack_flatness_loss` of ``variant`` at step ``eps``
-  (beyond the paper).
+  (beyond the paper);
+* ``fgsm_rs``: "fast" adversarial training (Wong, Rice & Kolter, ICLR 2020):
+  ``mean CE(f(x'), y)`` with ``x'`` one FGSM step of size ``alpha`` (default
+  ``1.25·eps``) from a uniform random start ``clip(x + U(−ε, ε), 0, 1)``,
+  projected to the ε-ball and ``[0, 1]``; the model in eval mode for the step;
+* ``trades`` (Zhang et al., ICML 2019): ``mean CE(f(x), y) + β·KL(p(·|x) ‖ p(·|x'))``
+  (KL summed over classes, averaged over the batch), ``x'`` ``steps`` sign steps
+  of size ``alpha`` (default ``eps/4``) ascending that KL from ``x + 0.001·N(0, I)``,
+  each projected to the ε-ball and ``[0, 1]``, the model in eval mode and
+  ``p(·|x)`` fixed during the attack.
+
+The baselines' objectives are derived in ``docs/design.md`` §1.
 
 Example::
 
@@ -25,6 +36,7 @@ resumable training loop with the paper's settings per data set.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,17 +47,33 @@ from torch import Tensor, nn
 from ._checks import check_model_dtype, check_tensor
 from ._grid import check_logits
 
-__all__ = ["DEFENCES", "ATTACK_PENALTY_VARIANTS", "Defence", "defence_loss", "train_step"]
+__all__ = ["DEFENCES", "ATTACK_PENALTY_VARIANTS", "TRADES_BETA", "Defence", "default_step_size", "defence_loss",
+           "trades_example", "train_step"]
 
 from .choices import ATTACK_PENALTY_VARIANTS, DEFENCES
 from .choices import DEFENCE_ESTIMATORS as _DEFENCE_ESTIMATORS
 
 _ALL_DEFENCES = DEFENCES
 
+#: TRADES' β by default (Zhang et al.'s setting for CIFAR-10 and MNIST).
+TRADES_BETA = 6.0
+#: The standard deviation of TRADES' Gaussian start ``x + 0.001·N(0, I)``.
+_TRADES_START_STD = 0.001
+
 
 def _need(cond: bool, name: str, expected: str, got: Any) -> None:
     if not cond:
         raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+
+def default_step_size(defence: str, eps: float, steps: int) -> float:
+    """The training attack's step when none is given: ``1.25·eps`` for ``fgsm_rs`` (Wong et al.),
+    ``eps/4`` for ``trades``, else PGD's ``2.5·eps/steps``."""
+    if defence == "fgsm_rs":
+        return 1.25 * eps
+    if defence == "trades":
+        return eps / 4
+    return 2.5 * eps / steps
 
 
 @dataclass(frozen=True)
@@ -60,12 +88,17 @@ class Defence:
         estimator: the penalty's estimator (see :func:`fastland.amsreg_loss`; for
             ``attack_flat`` used by ``variant="fgsm_amsreg"`` only).
         n_proj: random projections per sample for ``estimator="projection"``.
-        eps: the L∞ radius of adversarial training (``at``; Table 2: 10/255), or the
-            step of the attack-direction penalty (``attack_flat``, must be > 0; 10/255).
-        alpha: PGD's step; ``None`` means ``2.5·eps/steps``.
-        steps: PGD iterations of adversarial training.
+        eps: the L∞ radius of adversarial training (``at``; Table 2: 10/255; ``fgsm_rs`` and
+            ``trades``: must be > 0), or the step of the attack-direction penalty
+            (``attack_flat``, must be > 0; 10/255).
+        alpha: the training attack's step; ``None`` means :func:`default_step_size`
+            (``at``: ``2.5·eps/steps``, ``fgsm_rs``: ``1.25·eps``, ``trades``: ``eps/4``).
+        steps: PGD iterations of adversarial training (``at``) and of TRADES' attack
+            (``fgsm_rs`` always takes one step).
         variant: the attack-direction penalty, one of :data:`ATTACK_PENALTY_VARIANTS`
             (``attack_flat`` only; validated and ignored by the other defences).
+        beta: TRADES' β ``≥ 0`` in ``CE + β·KL`` (``trades`` only; validated and ignored by
+            the other defences).
     """
 
     name: str = "none"
@@ -76,6 +109,7 @@ class Defence:
     alpha: Optional[float] = None
     steps: int = 10
     variant: str = "difference"
+    beta: float = TRADES_BETA
 
     def __post_init__(self) -> None:
         _need(self.name in _ALL_DEFENCES, "defence", f"one of {_ALL_DEFENCES}", self.name)
@@ -85,16 +119,18 @@ class Defence:
         _need(self.alpha is None or self.alpha >= 0, "alpha", "a number >= 0 or None", self.alpha)
         _need(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1", self.steps)
         _need(self.variant in ATTACK_PENALTY_VARIANTS, "variant", f"one of {ATTACK_PENALTY_VARIANTS}", self.variant)
-        if self.name == "attack_flat":
-            _need(self.eps > 0, "eps", "a number > 0 for the 'attack_flat' defence (e.g. 10/255)", self.eps)
+        _need(isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool) and math.isfinite(self.beta)
+              and self.beta >= 0, "beta", "a finite number >= 0", self.beta)
+        if self.name in ("attack_flat", "fgsm_rs", "trades"):
+            _need(self.eps > 0, "eps", f"a number > 0 for the {self.name!r} defence (e.g. 10/255)", self.eps)
         allowed = _DEFENCE_ESTIMATORS.get(self.name, _DEFENCE_ESTIMATORS["amsreg"])
         _need(self.estimator in allowed, "estimator", f"one of {allowed} for the {self.name!r} defence",
               self.estimator)
 
     @property
     def step_size(self) -> float:
-        """PGD's step ``alpha`` (``2.5·eps/steps`` unless given)."""
-        return 2.5 * self.eps / self.steps if self.alpha is None else float(self.alpha)
+        """The training attack's step ``alpha`` (:func:`default_step_size` unless given)."""
+        return default_step_size(self.name, self.eps, self.steps) if self.alpha is None else float(self.alpha)
 
 
 def _penalty(name: str) -> Any:
@@ -118,15 +154,17 @@ def defence_loss(
         model: in train mode; maps ``[B, *S]`` to logits ``[B, C]``.
         x: ``[B, *S]`` inputs in [0, 1]; y: ``[B]`` int64 labels.
         defence: a :class:`Defence`.
-        generator: on ``x``'s device, for the penalty's projections and PGD's
-            random start (reproducible runs).
-        attack_model: the module PGD (and the attack direction of ``attack_flat``)
-            attacks (default ``model``; under DDP the unwrapped module, so that the
-            attack's passes bypass DDP).
+        generator: on ``x``'s device, for the penalty's projections and the
+            attacks' random starts (reproducible runs).
+        attack_model: the module the training attack (PGD, FGSM, TRADES' KL ascent, the
+            attack direction of ``attack_flat``) runs on (default ``model``; under DDP
+            the unwrapped module, so that the attack's passes bypass DDP).
     Returns:
         ``(loss, ce, penalty, logits)``: the scalar objective, the scalar mean
-        cross-entropy, the scalar mean penalty (0 for ``none``/``at``) and the
-        logits ``[B, C]`` the cross-entropy was computed on.
+        cross-entropy, the scalar mean penalty (0 for ``none``/``at``/``fgsm_rs``;
+        TRADES' unscaled KL term for ``trades``) and the logits ``[B, C]`` the
+        cross-entropy was computed on (those of ``x'`` for ``at``/``fgsm_rs``, of ``x``
+        for ``trades``).
     """
     if not isinstance(defence, Defence):
         raise TypeError(f"defence: expected a fastland.Defence, got {type(defence).__name__}")
@@ -135,11 +173,15 @@ def defence_loss(
         _check_batch(model, x, y)
     if d == "attack_flat":
         return _attack_flat_loss(model, x, y, defence, generator, attack_model)
-    if d == "at":
+    if d == "trades":
+        return _trades_loss(model, x, y, defence, generator, attack_model)
+    if d in ("at", "fgsm_rs"):
         from .attacks import pgd
 
+        # fgsm_rs is PGD-1 with a uniform start: x0 = Π(x + U(−ε, ε)) = clip(x + δ0, 0, 1), one step
+        steps = 1 if d == "fgsm_rs" else defence.steps
         x = pgd(attack_model if attack_model is not None else model, x, y, defence.eps,
-                alpha=defence.step_size, steps=defence.steps, random_start=True, generator=generator)
+                alpha=defence.step_size, steps=steps, random_start=True, generator=generator)
     if d in ("jacobian", "amsreg"):
         x = x.detach().clone().requires_grad_(True)
         logits = _checked_logits(model(x), x, y)
@@ -201,6 +243,60 @@ def _attack_flat_loss(model: nn.Module, x: Tensor, y: Tensor, defence: Defence,
                                    estimator=defence.estimator, n_proj=defence.n_proj, generator=generator,
                                    attack_model=attack_model)
     return ce + defence.lam / 2 * penalty, ce, penalty, logits
+
+
+def trades_example(model: nn.Module, x: Tensor, eps: float, alpha: float, steps: int,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """TRADES' adversarial example: ``steps`` sign steps ascending ``KL(p(·|x) ‖ p(·|x'))``.
+
+    ``x'₀ = x + 0.001·N(0, I)`` (drawn with ``generator``, on its device);
+    ``x'ₜ₊₁ = Π(x'ₜ + alpha·sign(∇x' Σ_i KL_i))`` with ``Π`` the projection to the ε-ball
+    around ``x`` and to ``[0, 1]``. ``model`` runs in eval mode (restored afterwards) and
+    ``p(·|x)`` is fixed (computed once, detached).
+
+    Args:
+        model: ``[B, *S] -> [B, C]`` logits.
+        x: ``[B, *S]`` clean inputs in ``[0, 1]``.
+        eps, alpha: the L∞ radius and step (pixel units); steps: sign steps ``≥ 1``.
+    Returns:
+        ``x'`` ``[B, *S]``, detached, inside the ε-ball and ``[0, 1]``.
+    """
+    from ._checks import check_in_unit_box
+    from .attacks.pgd import _project, attack_mode
+
+    x = x.detach()
+    if not check_in_unit_box("x", x):
+        raise ValueError(f"x: expected values in [0, 1] (pixel space), got range "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    x_adv = x + _TRADES_START_STD * noise
+    with attack_mode(model, "eval"), torch.enable_grad():
+        with torch.no_grad():
+            log_p = F.log_softmax(check_logits(model(x), x), dim=1)
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            kl = _kl_sum(log_p, check_logits(model(x_adv), x_adv))
+            (grad,) = torch.autograd.grad(kl, x_adv)
+            x_adv = _project(x_adv.detach() + alpha * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def _kl_sum(log_p: Tensor, logits_adv: Tensor) -> Tensor:
+    """``Σ_i Σ_c p_ic (log p_ic − log q_ic)``, ``q = softmax(logits_adv)``; ``log_p``, logits ``[B, C]``."""
+    return F.kl_div(F.log_softmax(logits_adv, dim=1), log_p, reduction="sum", log_target=True)
+
+
+def _trades_loss(model: nn.Module, x: Tensor, y: Tensor, defence: Defence,
+                 generator: Optional[torch.Generator], attack_model: Optional[nn.Module]
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``CE(f(x), y) + β·KL(p(·|x) ‖ p(·|x'))/B``, both terms differentiated through ``f(x)``."""
+    attacker = attack_model if attack_model is not None else model
+    x_adv = trades_example(attacker, x, defence.eps, defence.step_size, defence.steps, generator)
+    logits = _checked_logits(model(x), x, y)
+    ce = F.cross_entropy(logits, y)
+    kl = _kl_sum(F.log_softmax(logits, dim=1), check_logits(model(x_adv), x_adv)) / x.shape[0]
+    return ce + defence.beta * kl, ce, kl, logits
 
 
 def train_step(

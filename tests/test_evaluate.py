@@ -98,3 +98,18 @@ def test_evaluate_rejects_bad_labels():
     m, x, y = _trained_model()
     with pytest.raises(ValueError, match="y: expected an int64 tensor"):
         evaluate(m, x, y.float(), default_eval_settings("fmnist"), progress=False)
+
+
+def test_evaluate_reports_fgsm_accuracy_on_the_pgd_images_and_the_overfitting_flags():
+    from fastland.attacks import fgsm
+    from fastland.experiments.evaluate import overfitting_flags, subset_indices
+
+    m, x, y = _trained_model()
+    s = EvalSettings(eps=0.05, alpha=0.02, steps=3, n_pgd=17, seed=5, attack="pgd")
+    a = evaluate(m, x, y, s, progress=False, phi=False)
+    idx = subset_indices(x.shape[0], 17, 5)
+    with torch.no_grad():
+        want = 100 * (m(fgsm(m, x[idx], y[idx], 0.05)).argmax(1) == y[idx]).double().mean().item()
+    assert a["fgsm_acc"] == pytest.approx(want)
+    assert 0 < a["fgsm_acc"] < 100  # not a trivial count
+    assert a["overfitting_flags"] == overfitting_flags(a["fgsm_acc"], a["pgd_acc"], 3)

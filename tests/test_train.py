@@ -99,7 +99,8 @@ def test_each_defence_trains_a_few_steps(tmp_path, defence):
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "ce", "penalty", "train_acc", "test_acc"))
-        assert (m["penalty"] > 0) == (defence in ("jacobian", "amsreg", "attack_flat"))
+        assert (m["penalty"] > 0) == (defence in ("jacobian", "amsreg", "attack_flat", "trades"))
+        assert ("slice_pgd_acc" in m) == (defence == "fgsm_rs")  # the catastrophic-overfitting monitor
     assert json.loads((tmp_path / "config.json").read_text())["defence"] == defence
 
 

@@ -121,8 +121,8 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="fmnist",
                    help="data set (synthetic: a small random one, for tests)")
     p.add_argument("--defence", choices=DEFENCES, default="none",
-                   help="none, at (PGD-k adversarial training), jacobian, amsreg, or attack_flat (flattens log p "
-                        "along the FGSM direction)")
+                   help="none, at (PGD-k adversarial training), jacobian, amsreg, attack_flat (flattens log p "
+                        "along the FGSM direction), fgsm_rs (FGSM with a random start) or trades")
     p.add_argument("--epochs", type=_positive_int, default=200, help="epochs (lr ÷10 after 50%% and 75%%)")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (per process under torchrun)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.01 LeNet/DDNet, 0.1 ResNet-18)")
@@ -142,6 +142,8 @@ def _train_parser(sub: Any) -> None:
                         "directional (its derivative) or fgsm_amsreg (AMSReg at an FGSM point)")
     p.add_argument("--at-alpha", type=_fraction, default=None, help="PGD step of adversarial training (default: 2.5·ε/steps)")
     p.add_argument("--at-steps", type=_positive_int, default=10, help="PGD steps of adversarial training")
+    p.add_argument("--beta", type=_nonneg_float, default=None,
+                   help="TRADES' β in CE + β·KL (default: 6.0 for --defence trades; ignored by the others)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
     p.add_argument("--train-size", type=_positive_int, default=None, help="train on a fixed random subset of this size")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<defence>)")

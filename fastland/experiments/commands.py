@@ -29,7 +29,7 @@ _TRAIN_FIELDS = {"model": "model", "dataset": "dataset", "defence": "defence", "
                  "batch_size": "batch_size", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
                  "lam": "lam", "estimator": "estimator", "n_proj": "n_proj", "at_eps": "at_eps",
                  "at_alpha": "at_alpha", "at_steps": "at_steps", "variant": "variant", "seed": "seed",
-                 "train_size": "train_size"}
+                 "train_size": "train_size", "beta": "beta"}
 
 
 def _train_config(args: argparse.Namespace) -> Any:

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..defences import DEFENCES, Defence
+from ..defences import DEFENCES, TRADES_BETA, Defence, default_step_size
 from .paper import BASE_LR, paper_settings
 
 __all__ = ["TrainConfig", "build_model", "load_data"]
@@ -23,10 +23,14 @@ class TrainConfig:
 
     ``None`` fields take the paper's defaults for the data set and defence:
     ``lr`` per model (0.01 LeNet/DDNet, 0.1 ResNet-18), ``lam`` per defence
-    (Tables 1/2), ``at_eps`` per data set and ``at_alpha = 2.5·at_eps/at_steps``.
-    ``at_eps`` is the ε of the training-time attack: AT's PGD, and the attack
-    direction of ``attack_flat`` (whose penalty is ``variant``; default λ per
-    variant from :data:`fastland.attack_penalties.ATTACK_FLAT_LAM`).
+    (Tables 1/2), ``at_eps`` per data set and ``at_alpha`` per defence
+    (:func:`fastland.defences.default_step_size`: ``2.5·at_eps/at_steps``,
+    ``1.25·at_eps`` for ``fgsm_rs``, ``at_eps/4`` for ``trades``).
+    ``at_eps`` is the ε of the training-time attack: AT's PGD, the FGSM step of
+    ``fgsm_rs``, TRADES' KL ascent (``at_steps`` steps) and the attack direction
+    of ``attack_flat`` (whose penalty is ``variant``; default λ per variant from
+    :data:`fastland.attack_penalties.ATTACK_FLAT_LAM`). ``beta`` is TRADES' β
+    (default 6.0 for ``trades``, 0.0 for the others, which ignore it).
     ``train_size`` keeps that many training examples (a fixed random subset;
     for ``synthetic`` it is the data set size, default 512).
     """
@@ -50,6 +54,7 @@ class TrainConfig:
     train_size: Optional[int] = None
     synthetic_shape: Tuple[int, ...] = (1, 28, 28)
     synthetic_classes: int = 10
+    beta: Optional[float] = None
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` default filled in and the fields validated."""
@@ -63,16 +68,20 @@ class TrainConfig:
             lams = {"jacobian": ps.lam_jacobian, "amsreg": ps.lam_amsreg, "attack_flat": ATTACK_FLAT_LAM.get(c.variant)}
             c.lam = lams.get(c.defence, 0.0)
         if c.at_eps is None:
-            c.at_eps = ps.at_eps if c.defence in ("at", "attack_flat") else 0.0
+            c.at_eps = ps.at_eps if c.defence in _ATTACKING_DEFENCES else 0.0
         if c.at_alpha is None and isinstance(c.at_steps, int) and c.at_steps >= 1:
-            c.at_alpha = 2.5 * c.at_eps / c.at_steps
+            c.at_alpha = default_step_size(c.defence, c.at_eps, c.at_steps)
+        if c.beta is None:
+            c.beta = _default_beta(c.defence)
         _validate(c)
         return c
 
     def defence_spec(self) -> Defence:
         """The library's :class:`fastland.Defence` for this (resolved) config."""
+        beta = _default_beta(self.defence) if self.beta is None else self.beta
         return Defence(self.defence, lam=float(self.lam or 0.0), estimator=self.estimator, n_proj=self.n_proj,
-                       eps=float(self.at_eps or 0.0), alpha=self.at_alpha, steps=self.at_steps, variant=self.variant)
+                       eps=float(self.at_eps or 0.0), alpha=self.at_alpha, steps=self.at_steps, variant=self.variant,
+                       beta=beta)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -81,7 +90,11 @@ class TrainConfig:
 
     @classmethod
     def normalise(cls, d: Dict[str, Any]) -> Dict[str, Any]:
-        """A saved config in the current format (fields added since it was written take their defaults)."""
+        """A saved (resolved) config in the current format: fields added since it was written take
+        their defaults, resolved ones (``beta``) the value :meth:`resolved` gives them."""
+        d = dict(d)
+        if "beta" not in d:  # written before TRADES existed: the resolved default of its defence
+            d["beta"] = _default_beta(str(d.get("defence", "none")))
         return cls.from_dict(d).to_dict()
 
     @classmethod
@@ -94,6 +107,15 @@ class TrainConfig:
         if "synthetic_shape" in d:
             d["synthetic_shape"] = tuple(d["synthetic_shape"])
         return cls(**d)
+
+
+# the defences that attack during training; their at_eps defaults to the data set's AT ε
+_ATTACKING_DEFENCES = ("at", "attack_flat", "fgsm_rs", "trades")
+
+
+def _default_beta(defence: str) -> float:
+    """TRADES' β by default; 0.0 for the defences that ignore it."""
+    return TRADES_BETA if defence == "trades" else 0.0
 
 
 def _validate(c: TrainConfig) -> None:

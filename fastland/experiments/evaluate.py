@@ -4,11 +4,16 @@ Defaults are the paper's (docs/design.md §1): PGD on Fashion-MNIST with 10 step
 ε = 25/255, α = 6.25/255; on CIFAR-10 5 steps, ε = 8/255, α = 2/255. Φ (Eq. 8)
 is the mean over test samples of φ(x) (Eq. 7), computed by
 :func:`fastland.flatness` on a fixed random subset of the test set.
+
+Catastrophic overfitting (Wong et al. 2020): a model trained on one-step attacks
+can become robust to FGSM alone, while PGD breaks it. FGSM accuracy is measured
+on the PGD images, and a gap of more than :data:`OVERFITTING_GAP` points is
+flagged in a plain sentence (:func:`overfitting_flags`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +24,11 @@ from .._progress import progress_bar
 from ..choices import EVAL_ATTACKS
 
 __all__ = ["EVAL_ATTACKS", "EvalSettings", "default_eval_settings", "accuracy", "pgd_accuracy", "flatness_of", "attack_flatness_of",
-           "subset_indices",
+           "subset_indices", "fgsm_accuracy", "OVERFITTING_GAP", "overfitting_flags", "overfitting_check",
            "evaluate"]
+
+#: FGSM accuracy above PGD accuracy by more than this many points flags catastrophic overfitting.
+OVERFITTING_GAP = 20.0
 
 
 @dataclass
@@ -132,6 +140,53 @@ def pgd_accuracy(
     return correct / x.shape[0]
 
 
+def fgsm_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, batch_size: int = 500,
+                  progress: bool = False) -> float:
+    """Accuracy in [0, 1] under FGSM at ``eps`` (:func:`fastland.attacks.fgsm`, model in eval mode).
+
+    Args:
+        x: ``[N, *S]`` in [0, 1]; y: ``[N]`` int64; eps: the L∞ radius (pixel units).
+    """
+    from .._grid import eval_mode
+    from ..attacks import fgsm
+
+    _check_xy(x, y)
+    dev = next(model.parameters()).device
+    bar = progress_bar(x.shape[0], "FGSM accuracy", progress, unit="img")
+    correct = 0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+        x_adv = fgsm(model, xb, yb, eps)
+        with torch.no_grad(), eval_mode(model):
+            correct += int((model(x_adv).argmax(1) == yb).sum())
+        bar.update(xb.shape[0])
+    bar.close()
+    return correct / x.shape[0]
+
+
+def overfitting_flags(fgsm_acc: float, pgd_acc: float, steps: int = 10) -> List[str]:
+    """One plain sentence when FGSM accuracy exceeds PGD-``steps`` accuracy by more than
+    :data:`OVERFITTING_GAP` points (accuracies in percent), else ``[]``."""
+    gap = fgsm_acc - pgd_acc
+    if gap <= OVERFITTING_GAP:
+        return []
+    return [f"FGSM accuracy ({fgsm_acc:.1f}%) exceeds PGD-{steps} accuracy ({pgd_acc:.1f}%) by {gap:.1f} points: "
+            "the model looks catastrophically overfitted to FGSM"]
+
+
+def overfitting_check(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSettings, pgd_acc: float, *,
+                      progress: bool = False) -> Dict[str, Any]:
+    """``{"fgsm_acc": %, "overfitting_flags": [...]}`` on the PGD subset of ``(x [N, *S], y [N])``
+    (``settings.n_pgd``, ``settings.seed``), against that subset's ``pgd_acc`` (%).
+
+    One FGSM step per image: cheap enough to add to an evaluation computed without it.
+    """
+    s = settings
+    idx = subset_indices(x.shape[0], s.n_pgd, s.seed)
+    fgsm_acc = 100 * fgsm_accuracy(model, x[idx], y[idx], eps=s.eps, batch_size=s.batch_size, progress=progress)
+    return {"fgsm_acc": fgsm_acc, "overfitting_flags": overfitting_flags(fgsm_acc, pgd_acc, s.steps)}
+
+
 def flatness_of(model: nn.Module, x: Tensor, s: EvalSettings, *, progress: bool = False) -> Dict[str, float]:
     """Φ of ``model`` on ``x [N, *S]`` (:func:`fastland.flatness`), as
     ``{"phi": mean φ, "phi_stderr": its standard error}``."""
@@ -176,8 +231,10 @@ def evaluate(
     """Clean accuracy, PGD accuracy and Φ of ``model`` on ``(x [N, *S], y [N])``.
 
     The model is put in eval mode (and left so). Accuracies are in percent.
-    Returns a JSON-ready dict: ``clean_acc``, ``pgd_acc``, ``phi``,
-    ``phi_stderr`` (absent with ``phi=False``), with ``attack="strong"`` the
+    Returns a JSON-ready dict: ``clean_acc``, ``pgd_acc``, ``fgsm_acc`` (FGSM at
+    ``eps`` on the PGD images), ``overfitting_flags`` (sentences; see
+    :func:`overfitting_flags`), ``phi``, ``phi_stderr`` (absent with ``phi=False``),
+    with ``attack="strong"`` the
     worst case (``worst_case_acc``, ``broken_by``, ``masking_flags``, ...), the
     sample counts and the settings.
     """
@@ -196,6 +253,7 @@ def evaluate(
     out["pgd_acc"] = 100 * pgd_accuracy(model, x[idx], y[idx], eps=s.eps, alpha=s.alpha, steps=s.steps,
                                         batch_size=s.batch_size, seed=s.seed, progress=progress)
     out["n_pgd"] = int(idx.numel())
+    out.update(overfitting_check(model, x, y, s, out["pgd_acc"], progress=progress))
     if s.attack == "strong":
         from .strong import strong_evaluation
 

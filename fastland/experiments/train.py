@@ -10,6 +10,13 @@ continues exactly where the run stopped: on CPU a resumed run equals an
 uninterrupted one bit for bit. Under ``torchrun`` the loop runs DDP (gloo on
 CPU, nccl on GPU) with a :class:`~torch.utils.data.DistributedSampler`.
 
+Catastrophic overfitting is watched, not hidden: a ``fgsm_rs`` run with test
+data records, each epoch, ``slice_pgd_acc`` (PGD-10 at the training ε, step
+ε/4, random start of a fixed seed) and ``slice_fgsm_acc`` (FGSM at the training
+ε) on a fixed slice of :data:`MONITOR_SIZE` test images; a PGD accuracy that
+collapses while the FGSM one stays up is the sign (Wong et al. 2020). The
+monitor draws from its own generators only, so resuming stays exact.
+
 Files in a run folder ``out_dir``: ``config.json``, ``checkpoint.pt`` (the
 latest epoch), ``metrics.jsonl`` (one JSON object per completed epoch) and, when
 all epochs are done, ``model.pt`` (config + final weights).
@@ -32,7 +39,7 @@ from ..defences import train_step
 from ._state import (Dist, all_reduce_sum, barrier, gather_states, global_rng_state, init_distributed,
                      resolve_device, seed_everything, set_global_rng_state)
 from .config import TrainConfig, build_model, load_data
-from .evaluate import accuracy
+from .evaluate import accuracy, fgsm_accuracy, pgd_accuracy, subset_indices
 from .run_folder import (CHECKPOINT, CONFIG, FINAL, METRICS, RunFileError, check_folder, clear_run, is_complete,
                          load_run_file, locked, saved_config)
 
@@ -45,9 +52,19 @@ __all__ = [
     "load_data",
     "load_trained",
     "is_complete",
+    "overfitting_monitor",
+    "MONITOR_SIZE",
 ]
 
 _FORMAT = 1
+
+#: Test images of the catastrophic-overfitting monitor (a fixed seeded subset, the same every epoch and run).
+MONITOR_SIZE = 512
+#: Seed of the monitor's test slice and of its PGD random starts (independent of the run's seed).
+_MONITOR_SEED = 0
+_MONITOR_STEPS = 10
+# the defences whose runs record the monitor (one-step attacks are the ones that overfit catastrophically)
+_MONITORED_DEFENCES = ("fgsm_rs",)
 
 
 @dataclass
@@ -130,7 +147,8 @@ def fit(
         config: the run's settings (``None`` fields resolved here).
         out_dir: the run folder (created).
         test_data: optional ``(x, y)``; when given, each epoch's metrics have the
-            clean test accuracy ``test_acc``.
+            clean test accuracy ``test_acc`` (and for ``fgsm_rs`` the monitor's
+            ``slice_pgd_acc``/``slice_fgsm_acc``, see :func:`overfitting_monitor`).
         resume: continue from ``out_dir/checkpoint.pt`` when present (same
             config required); without it an existing checkpoint is an error.
         stop_after: stop (checkpointed) once this many epochs are done — an
@@ -210,6 +228,8 @@ def _fit(model: nn.Module, train_data: Tuple[Tensor, Tensor], c: TrainConfig, ou
         m = {"epoch": epoch + 1, "lr": lr, **sums, "time_s": round(time.perf_counter() - t0, 3)}
         if test is not None:
             m["test_acc"] = accuracy(model, *test, batch_size=1000)
+            if c.defence in _MONITORED_DEFENCES:
+                m.update(overfitting_monitor(model, *test, eps=float(c.at_eps)))
         metrics.append(m)
         if show:
             print(json.dumps(m), flush=True)
@@ -236,6 +256,25 @@ def _fit(model: nn.Module, train_data: Tuple[Tensor, Tensor], c: TrainConfig, ou
     barrier(dist_info)
     model.eval()
     return TrainResult(model, out_dir, done, metrics)
+
+
+def overfitting_monitor(model: nn.Module, x: Tensor, y: Tensor, *, eps: float) -> Dict[str, float]:
+    """PGD-10 (step ε/4, random start) and FGSM accuracy in [0, 1] at ``eps`` on a fixed slice of
+    :data:`MONITOR_SIZE` test images (``x [N, *S]``, ``y [N]``; all when fewer), model in eval mode
+    (its modes restored).
+
+    Deterministic and free of side effects on every RNG: the slice and the PGD starts come from
+    generators of a fixed seed. Returns ``{"slice_pgd_acc", "slice_fgsm_acc"}``.
+    """
+    from .._grid import eval_mode
+
+    idx = subset_indices(x.shape[0], MONITOR_SIZE, _MONITOR_SEED).to(x.device)
+    xs, ys = x.index_select(0, idx), y.index_select(0, idx)
+    with eval_mode(model):
+        pgd_acc = pgd_accuracy(model, xs, ys, eps=eps, alpha=eps / 4, steps=_MONITOR_STEPS,
+                               batch_size=MONITOR_SIZE, seed=_MONITOR_SEED)
+        fgsm_acc = fgsm_accuracy(model, xs, ys, eps=eps, batch_size=MONITOR_SIZE)
+    return {"slice_pgd_acc": pgd_acc, "slice_fgsm_acc": fgsm_acc}
 
 
 def _check_train_data(data: Any, name: str = "train_data") -> Tuple[Tensor, Tensor]:
