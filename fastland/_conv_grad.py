@@ -238,14 +238,22 @@ def _batched(*ts: Tensor) -> bool:
         return False
 
 
+# In a backward without create_graph (grad mode off) the three differentiable pieces below call
+# their kernels directly: the same values without an autograd.Function round trip each.
+
+
 def _conv_d(x: Tensor, w: Tensor, spec: ConvSpec, native: bool) -> Tensor:
     """Differentiable ``conv(x, w)`` (no bias): by aten itself when ``native``, else :func:`conv_fn`."""
-    return _conv_kernel(x, w, None, spec) if native else conv_fn(x, w, None, spec)
+    if native or not torch.is_grad_enabled():
+        return _conv_kernel(x, w, None, spec)
+    return conv_fn(x, w, None, spec)
 
 
 def _input_grad_d(g: Tensor, w: Tensor, shape: Sequence[int], spec: ConvSpec, native: bool) -> Tensor:
     """Differentiable ``Aᵀ g``: by ``aten.convolution_backward`` when ``native``, else :func:`input_grad`."""
     if not native:
+        if not torch.is_grad_enabled():
+            return _input_grad_kernel(g, w, shape, spec)
         return input_grad(g, w, shape, spec)
     return torch.ops.aten.convolution_backward(
         g, g.new_empty(1).expand(tuple(shape)), w, None, list(spec.stride), list(spec.padding),
@@ -254,7 +262,9 @@ def _input_grad_d(g: Tensor, w: Tensor, shape: Sequence[int], spec: ConvSpec, na
 
 def _weight_grad_d(x: Tensor, g: Tensor, shape: Sequence[int], spec: ConvSpec, native: bool) -> Tensor:
     """Differentiable weight gradient: by aten when ``native``, else :func:`weight_grad`."""
-    return _weight_grad_kernel(x, g, shape, spec) if native else weight_grad(x, g, shape, spec)
+    if native or not torch.is_grad_enabled():
+        return _weight_grad_kernel(x, g, shape, spec)
+    return weight_grad(x, g, shape, spec)
 
 
 class _Conv(torch.autograd.Function):
