@@ -226,11 +226,16 @@ def _reproduce_parser(sub: Any) -> None:
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="seeds per model: --seed, --seed+1, ... (folders <run>, <run>-s<seed>); the tables show "
                         "means ± the standard deviation over seeds")
+    _add_models_options(p, "reproduce")
+
+
+def _add_models_options(p: argparse.ArgumentParser, command: str) -> None:
+    """The options of a command that trains and evaluates many models (reproduce, front), and its body."""
     _add_jobs_option(p)
     _add_eval_options(p, n_phi=1000)
     _add_data_options(p)
     _add_run_options(p)
-    p.set_defaults(func=_command("reproduce"))
+    p.set_defaults(func=_command(command))
 
 
 def _add_jobs_option(p: argparse.ArgumentParser) -> None:
@@ -262,11 +267,7 @@ def _front_parser(sub: Any) -> None:
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: the table from the finished models (evaluated when needed), "
                         "the others marked missing")
-    _add_jobs_option(p)
-    _add_eval_options(p, n_phi=1000)
-    _add_data_options(p)
-    _add_run_options(p)
-    p.set_defaults(func=_command("front"))
+    _add_models_options(p, "front")
 
 
 def _demo_parser(sub: Any) -> None:
