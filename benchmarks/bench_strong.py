@@ -10,8 +10,8 @@ after it), else a LeNet-5 and a DDNet trained briefly here (Fashion-MNIST when D
 there, else the synthetic set; cached under ``$TMPDIR/fastland-bench-strong/``).
 
 The real run (the AutoAttack budget: APGD-CE 100 steps, APGD-T 9 targets × 100 steps, Square
-5000 queries, on the first 500 test images at ε = 25/255; tens of minutes per model on one busy
-core)::
+5000 queries, on the first 500 test images at ε = 25/255; about 10 minutes for none, AT and
+AMSReg on one idle core, both libraries)::
 
     FASTLAND_BENCH_STRONG_RUNS=runs/none-s0,runs/at-s0,runs/amsreg-s0 OMP_NUM_THREADS=1 \\
         .venv/bin/python -m pytest benchmarks/bench_strong.py --benchmark-only -q \\
