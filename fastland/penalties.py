@@ -118,7 +118,7 @@ def _check_args(
     if not x.requires_grad:
         raise ValueError(
             "x: expected a tensor that requires grad and from which logits were computed, "
-            "got one with requires_grad=False; call x.requires_grad_(True) before the forward pass"
+            "got one with requires_grad=False; feed the model x = fastland.penalty_input(x)"
         )
     if not logits.requires_grad:
         raise ValueError(
@@ -188,7 +188,9 @@ def amsreg_loss(
     Args:
         logits: ``[B, C]``, ``model(x)``, with grad enabled, finite; any float dtype
             (bfloat16 under autocast: the penalty is accumulated in float32).
-        x: ``[B, *S]`` with ``requires_grad=True``, finite, the tensor fed to the model.
+        x: ``[B, *S]``, finite, the tensor fed to the model: ``penalty_input(x)``, or the
+            caller's own tensor with ``requires_grad=True`` (whose ``x.grad`` a plain
+            ``loss.backward()`` then also fills, at the cost of one more input gradient).
         n_proj: projections ``P >= 1`` for ``"projection"``; ``P >= C`` uses ``"exact"``.
         estimator: one of :data:`ESTIMATORS`: ``"projection"`` (unbiased random
             projections, the paper's), ``"exact"`` (``C`` one-hot cotangents),
@@ -243,7 +245,8 @@ def jacobian_loss(
 
     Args:
         logits: ``[B, C]`` computed from ``x`` with grad enabled, finite.
-        x: ``[B, *S]`` with ``requires_grad=True``, finite.
+        x: ``[B, *S]``, finite: ``penalty_input(x)`` or a tensor with ``requires_grad=True``
+            (as in :func:`amsreg_loss`).
         n_proj, generator, reduction, batched: as in :func:`amsreg_loss`.
         estimator: one of :data:`JACOBIAN_ESTIMATORS`.
     Returns:
