@@ -209,7 +209,8 @@ def _run_restarts(
     A round draws the starts of all its rows at once (``[K·n, *S]``, target-major), then runs
     the targets in groups of ``max(⌊max_rows / n⌋, 1)`` as one batch (``n`` the samples still
     unbroken), each group only on the samples no earlier group broke; so the starts, and
-    which samples break, do not depend on ``max_rows``.
+    which samples break, do not depend on ``max_rows`` (up to the float rounding of other
+    batch sizes in the model).
 
     Returns ``(x_adv [B, *S], broken [B] bool)``; unbroken samples get their best-loss point.
     """
@@ -349,7 +350,8 @@ def apgd_targeted(
     of them misclassifies it. Targets that do not fit one batch run in later batches, each only
     on the samples no earlier batch broke; each restart attacks only the samples still unbroken.
     Which samples break does not depend on ``max_rows`` (the starts of a restart are drawn
-    before its first batch); a broken sample's point is its first misclassified iterate, the
+    before its first batch; up to the model's float rounding at other batch sizes); a broken
+    sample's point is its first misclassified iterate, the
     lowest target's among runs that misclassify it at the same step.
 
     Args:
