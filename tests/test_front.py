@@ -97,7 +97,7 @@ def _fake_run(out: Path, point: fr.Point, seed: int, s, **numbers) -> dict:
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
     (run / "model.pt").write_bytes(b"")
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "time_s": 1.0}) + "\n")
-    ev = {"phi_stderr": 1.0, "anisotropy": 2.0, "masking_flags": [], "overfitting_flags": [],
+    ev = {"phi_stderr": 1.0, "anisotropy": 2.0, "fgsm_acc": 50.0, "masking_flags": [], "overfitting_flags": [],
           "settings": json.loads(json.dumps(asdict(s))), **numbers}
     (run / "eval.json").write_text(json.dumps(ev))
     return ev

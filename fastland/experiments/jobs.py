@@ -118,7 +118,7 @@ def _settings_json(s: EvalSettings) -> Dict[str, Any]:
 
 def _has_every_measure(res: Dict[str, Any], s: EvalSettings) -> bool:
     """Whether a cached ``eval.json`` holds every measure this version reports (else it is recomputed)."""
-    need = {"clean_acc", "pgd_acc", "phi", "attack_flat", "anisotropy"}
+    need = {"clean_acc", "pgd_acc", "fgsm_acc", "overfitting_flags", "phi", "attack_flat", "anisotropy"}
     if s.attack == "strong":
         need |= {"worst_case_acc", "masking_flags"}
     return need <= set(res)
