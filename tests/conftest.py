@@ -43,3 +43,20 @@ def one_thread():
     Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     with num_threads(1):
         yield
+
+
+@pytest.fixture
+def input_grad_calls(monkeypatch):
+    """Counts the calls of fast_conv's input-gradient kernel while a test runs: a one-element
+    list, ``[calls]``, that the test may reset."""
+    from fastland import _conv_grad
+
+    calls = [0]
+    kernel = _conv_grad._input_grad_kernel
+
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(_conv_grad, "_input_grad_kernel", counted)
+    return calls

@@ -308,22 +308,7 @@ def test_bad_arguments_raise_one_line_errors():
 # --------------------------------------------------------------------------- gradients on request
 
 
-def _count_input_grads(monkeypatch) -> list:
-    """Patch the input-gradient kernel with a counting wrapper; returns the one-element counter."""
-    from fastland import _conv_grad
-
-    calls = [0]
-    kernel = _conv_grad._input_grad_kernel
-
-    def counted(*args):
-        calls[0] += 1
-        return kernel(*args)
-
-    monkeypatch.setattr(_conv_grad, "_input_grad_kernel", counted)
-    return calls
-
-
-def test_input_marked_on_request_gets_no_input_gradient(monkeypatch):
+def test_input_marked_on_request_gets_no_input_gradient(input_grad_calls):
     """A plain backward skips the input gradient that only a marked leaf would receive (x.grad
     stays None) and gives the weight gradients of torch's conv; inside grad_requested the
     gradient is computed as usual, equal to torch's."""
@@ -335,7 +320,7 @@ def test_input_marked_on_request_gets_no_input_gradient(monkeypatch):
     x0 = torch.randn(3, 1, 9, 7, dtype=DT, generator=gen)
     g = torch.randn(3, 6, 9, 7, dtype=DT, generator=gen)
     y_ref, gx_ref, gw_ref, gb_ref = _grads(conv, (x0 - 0.5) * 2.0, g)
-    calls = _count_input_grads(monkeypatch)
+    calls = input_grad_calls
 
     x = mark_grad_on_request(x0.clone().requires_grad_(True))
     assert is_grad_on_request(x) and not is_grad_on_request(x0)
@@ -353,7 +338,7 @@ def test_input_marked_on_request_gets_no_input_gradient(monkeypatch):
     assert x.grad is None
 
 
-def test_input_gradient_kept_when_anybody_reads_it(monkeypatch):
+def test_input_gradient_kept_when_anybody_reads_it(input_grad_calls):
     """The skip needs every path below the layer to end in marked leaves: an unmarked leaf
     on one path, or more nodes than the walk's budget, keep the input gradient."""
     from fastland import _conv_grad
@@ -361,7 +346,7 @@ def test_input_gradient_kept_when_anybody_reads_it(monkeypatch):
 
     gen = torch.Generator().manual_seed(12)
     fast = fast_conv.apply(nn.Conv2d(1, 3, 3).to(DT))
-    calls = _count_input_grads(monkeypatch)
+    calls = input_grad_calls
     marked = mark_grad_on_request(torch.randn(2, 1, 6, 5, dtype=DT, generator=gen).requires_grad_(True))
     plain = torch.randn(2, 1, 6, 5, dtype=DT, generator=gen, requires_grad=True)
     fast(marked + plain).sum().backward()

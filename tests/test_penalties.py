@@ -359,29 +359,17 @@ def test_penalty_input_gives_the_old_forms_parameter_gradients(fn, estimator: st
         torch.testing.assert_close(g_new, ref[k], rtol=1e-8, atol=1e-11, msg=lambda m: f"{k}: {m}")
 
 
-def _count_input_grads(monkeypatch) -> list:
-    from fastland import _conv_grad
-
-    calls = [0]
-    kernel = _conv_grad._input_grad_kernel
-
-    def counted(*args):
-        calls[0] += 1
-        return kernel(*args)
-
-    monkeypatch.setattr(_conv_grad, "_input_grad_kernel", counted)
-    return calls
 
 
 @pytest.mark.parametrize("fn", [amsreg_loss, jacobian_loss])
-def test_penalty_input_skips_the_first_layers_input_gradient(monkeypatch, fn) -> None:
+def test_penalty_input_skips_the_first_layers_input_gradient(input_grad_calls, fn) -> None:
     """LeNet-5 (first convolution on fast_conv's path): the README form computes that layer's
     input gradient once (the penalty's VJP), the caller's own ``x.requires_grad_(True)`` twice
     (the VJP, then ``x.grad``), as ``backward(inputs=params)`` of that form does once."""
     torch.manual_seed(0)
     model = fastland.models.create("lenet", "fmnist")
     x0, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 4, 9])
-    calls = _count_input_grads(monkeypatch)
+    calls = input_grad_calls
     counts = {}
     for form in ("penalty_input", "requires_grad", "params_only"):
         calls[0] = 0
