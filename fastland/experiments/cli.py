@@ -139,7 +139,9 @@ def _train_parser(sub: Any) -> None:
                         "(default: 10/255 F-MNIST, 3/255 CIFAR-10)")
     p.add_argument("--variant", choices=ATTACK_PENALTY_VARIANTS, default="difference",
                    help="attack_flat's penalty: difference (log p change along the FGSM direction), "
-                        "directional (its derivative) or fgsm_amsreg (AMSReg at an FGSM point)")
+                        "directional (its derivative), fgsm_amsreg (AMSReg at an FGSM point), "
+                        "margin (drop of the true-class margin over one FGSM step) or "
+                        "kl (KL between the predictions at x and at the FGSM step)")
     p.add_argument("--at-alpha", type=_fraction, default=None, help="PGD step of adversarial training (default: 2.5·ε/steps)")
     p.add_argument("--at-steps", type=_positive_int, default=10, help="PGD steps of adversarial training")
     p.add_argument("--beta", type=_nonneg_float, default=None,
