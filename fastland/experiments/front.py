@@ -58,7 +58,7 @@ def _attack_flat(variant: str, lam: float) -> Point:
 
 
 # λ of the attack_flat variants still being tuned: each λ listed adds the point <variant>-lam<λ>
-NEW_VARIANT_LAMS: Dict[str, Tuple[float, ...]] = {"margin": (), "kl": ()}
+NEW_VARIANT_LAMS: Dict[str, Tuple[float, ...]] = {"margin": (8.0,), "kl": (48.0,)}
 
 POINTS: Tuple[Point, ...] = (
     Point("none", {"defence": "none"}),
