@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -285,14 +285,33 @@ def _locate_fmnist(split: str, folders: Sequence[Path]) -> Tuple[Optional[Tuple[
     return None, tried
 
 
-def _load_fmnist(split: str, root: Optional[Path], download: bool) -> Tuple[Tensor, Tensor]:
-    folders = _fmnist_folders(root)
-    found, tried = _locate_fmnist(split, folders)
+def _locate_or_download(
+    split: str,
+    root: Optional[Path],
+    download: bool,
+    locate: Callable[[str, Sequence[Path]], Tuple[Any, List[Path]]],
+    folders: List[Path],
+    torchvision_name: str,
+    downloaded_folder: Callable[[Path], Path],
+) -> Tuple[Any, List[Path]]:
+    """Look for ``split`` in ``folders``; when absent and ``download``, fetch it with torchvision
+    into ``root`` (or :func:`default_root`) and look again in ``downloaded_folder(target)``.
+
+    Returns:
+        ``locate``'s find (None: not found) and every place tried.
+    """
+    found, tried = locate(split, folders)
     if found is None and download:
         target = root if root is not None else default_root()
-        _torchvision_download("FashionMNIST", target)
-        found, more = _locate_fmnist(split, [target / "FashionMNIST" / "raw"])
+        _torchvision_download(torchvision_name, target)
+        found, more = locate(split, [downloaded_folder(target)])
         tried += more
+    return found, tried
+
+
+def _load_fmnist(split: str, root: Optional[Path], download: bool) -> Tuple[Tensor, Tensor]:
+    found, tried = _locate_or_download(split, root, download, _locate_fmnist, _fmnist_folders(root),
+                                       "FashionMNIST", lambda target: target / "FashionMNIST" / "raw")
     if found is None:
         raise DataNotFoundError(
             f"Fashion-MNIST ({split}) not found. Looked for the IDX files at:\n"
@@ -362,13 +381,8 @@ def _locate_cifar(split: str, roots: Sequence[Path]) -> Tuple[Optional[List[Path
 
 
 def _load_cifar10(split: str, root: Optional[Path], download: bool) -> Tuple[Tensor, Tensor]:
-    roots = _cifar_roots(root)
-    found, tried = _locate_cifar(split, roots)
-    if found is None and download:
-        target = root if root is not None else default_root()
-        _torchvision_download("CIFAR10", target)
-        found, more = _locate_cifar(split, [target])
-        tried += more
+    found, tried = _locate_or_download(split, root, download, _locate_cifar, _cifar_roots(root),
+                                       "CIFAR10", lambda target: target)
     if found is None:
         raise DataNotFoundError(
             f"CIFAR-10 ({split}) not found. Looked for {', '.join(_CIFAR_FILES[split])} in:\n"

@@ -164,8 +164,9 @@ FASTLAND_CLONES void combine_row(const double* base, const double* u, const doub
   for (int64_t i = 0; i < n; ++i) out[i] = base[i] + a * u[i] + b * v[i];
 }
 
-FASTLAND_CLONES void accumulate3(const float* row, double a, double b, double* s0, double* s1, double* s2,
-                                 int64_t n) {
+namespace {
+template <typename T>
+inline void accumulate3_impl(const T* row, double a, double b, double* s0, double* s1, double* s2, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const double r = row[i];
     s0[i] += r;
@@ -173,15 +174,16 @@ FASTLAND_CLONES void accumulate3(const float* row, double a, double b, double* s
     s2[i] += b * r;
   }
 }
+}  // namespace
+
+FASTLAND_CLONES void accumulate3(const float* row, double a, double b, double* s0, double* s1, double* s2,
+                                 int64_t n) {
+  accumulate3_impl(row, a, b, s0, s1, s2, n);
+}
 
 FASTLAND_CLONES void accumulate3(const double* row, double a, double b, double* s0, double* s1, double* s2,
                                  int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double r = row[i];
-    s0[i] += r;
-    s1[i] += a * r;
-    s2[i] += b * r;
-  }
+  accumulate3_impl(row, a, b, s0, s1, s2, n);
 }
 
 }  // namespace cpu

@@ -53,12 +53,16 @@ class Point:
         return "one seed" if self.seeds == 1 else ""
 
 
-def _attack_flat(variant: str, lam: float) -> Point:
-    return Point(f"{variant}-lam{lam:g}", {"defence": "attack_flat", "variant": variant, "lam": float(lam)})
+def _attack_flat(variant: str, lam: float, seeds: Optional[int] = None) -> Point:
+    return Point(f"{variant}-lam{lam:g}", {"defence": "attack_flat", "variant": variant, "lam": float(lam)},
+                 seeds=seeds)
 
 
 # λ of the attack_flat variants still being tuned: each λ listed adds the point <variant>-lam<λ>
-NEW_VARIANT_LAMS: Dict[str, Tuple[float, ...]] = {"margin": (8.0,), "kl": (48.0,)}
+NEW_VARIANT_LAMS: Dict[str, Tuple[float, ...]] = {"margin": (8.0,), "kl": (12.0, 24.0, 48.0)}
+
+# points a cheaper or equally cheap point dominates on the first seed: one seed each
+_ONE_SEED = frozenset({"margin-lam8"})
 
 POINTS: Tuple[Point, ...] = (
     Point("none", {"defence": "none"}),
@@ -67,10 +71,11 @@ POINTS: Tuple[Point, ...] = (
     Point("at", {"defence": "at"}),
     Point("fgsm_rs-a1.25", {"defence": "fgsm_rs", "at_alpha": 1.25 * _EPS}),
     Point("fgsm_rs-a2", {"defence": "fgsm_rs", "at_alpha": 2 * _EPS}),
-    Point("trades-b1", {"defence": "trades", "beta": 1.0}),
+    Point("trades-b1", {"defence": "trades", "beta": 1.0}, seeds=1),
     Point("trades-b6", {"defence": "trades", "beta": 6.0}),
-    *(_attack_flat("directional", lam) for lam in (32, 64, 128)),
-    *(_attack_flat(v, lam) for v, lams in NEW_VARIANT_LAMS.items() for lam in lams),
+    *(_attack_flat("directional", lam, seeds=1) for lam in (32, 64, 128)),
+    *(_attack_flat(v, lam, seeds=1 if f"{v}-lam{lam:g}" in _ONE_SEED else None)
+      for v, lams in NEW_VARIANT_LAMS.items() for lam in lams),
 )
 
 

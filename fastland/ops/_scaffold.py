@@ -154,6 +154,11 @@ def ops() -> Dict[str, FusedOp]:
     return dict(_OPS)
 
 
+def save_inputs(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+    """``setup_context`` of a backward op whose own backward needs every input (all tensors)."""
+    ctx.save_for_backward(*inputs)
+
+
 def define(
     name: str,
     schema: str,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import reference_ops as ref
 from .._checks import check_same_device, check_tensor
-from ._scaffold import TRITON_DTYPES, Launch, LaunchConfig, define
+from ._scaffold import TRITON_DTYPES, Launch, LaunchConfig, define, save_inputs
 from .utils import triton_acc_dtype, triton_available
 
 __all__ = ["grid_combine", "grid_combine_backward", "LAUNCH_CONFIGS", "BLOCK_NAMES", "launch_configs"]
@@ -151,10 +151,6 @@ def _backward_bwd(ctx, g0: Tensor, g1: Tensor, g2: Tensor):
     return d_gout, d_a, d_b
 
 
-def _save_bwd(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
 _backward_op = define(
     "grid_combine_backward",
     "(Tensor grad_out, Tensor a, Tensor b) -> (Tensor, Tensor, Tensor)",
@@ -164,7 +160,7 @@ _backward_op = define(
     triton_plan=backward_plan if triton_available() else None,
     triton_serves=lambda grad_out, a, b: grad_out.dtype in TRITON_DTYPES,
     backward=_backward_bwd,
-    setup_context=_save_bwd,
+    setup_context=save_inputs,
 )
 
 

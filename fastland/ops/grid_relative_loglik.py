@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import reference_ops as ref
 from .._checks import check_same_device, check_tensor
-from ._scaffold import TRITON_DTYPES, Launch, LaunchConfig, define, pick_config
+from ._scaffold import TRITON_DTYPES, Launch, LaunchConfig, define, pick_config, save_inputs
 from .utils import triton_acc_dtype, triton_available
 
 __all__ = ["grid_relative_loglik", "LAUNCH_CONFIGS", "BLOCK_NAMES", "launch_configs"]
@@ -126,10 +126,6 @@ def _backward_bwd(ctx, grad: Tensor):
     return qs, d_logits
 
 
-def _save_bwd(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
 _backward_op = define(
     "grid_relative_loglik_backward",
     "(Tensor grad_out, Tensor logits) -> Tensor",
@@ -138,7 +134,7 @@ _backward_op = define(
     triton_plan=backward_plan if triton_available() else None,
     triton_serves=lambda grad_out, logits: _serves(logits),
     backward=_backward_bwd,
-    setup_context=_save_bwd,
+    setup_context=save_inputs,
 )
 
 
