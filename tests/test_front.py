@@ -20,7 +20,7 @@ NAMES = ["none", "jacobian", "amsreg", "at", "fgsm_rs-a1.25", "fgsm_rs-a2", "tra
 
 
 # the baselines and the paper's defences on or near the front: the front's seeds each
-THREE_SEEDS = {"none", "amsreg", "at", "fgsm_rs-a1.25", "fgsm_rs-a2", "trades-b6"}
+THREE_SEEDS = {"none", "amsreg", "at", "fgsm_rs-a1.25", "fgsm_rs-a2", "trades-b6", "kl-lam12", "kl-lam48"}
 
 
 def test_the_points_are_the_named_ones_and_the_dominated_have_one_seed():

@@ -61,8 +61,9 @@ def _attack_flat(variant: str, lam: float, seeds: Optional[int] = None) -> Point
 # λ of the attack_flat variants still being tuned: each λ listed adds the point <variant>-lam<λ>
 NEW_VARIANT_LAMS: Dict[str, Tuple[float, ...]] = {"margin": (8.0,), "kl": (12.0, 24.0, 48.0)}
 
-# points a cheaper or equally cheap point dominates on the first seed: one seed each
-_ONE_SEED = frozenset({"margin-lam8"})
+# points a cheaper or equally cheap point dominates on the first seed (margin-lam8 and kl-lam24
+# by kl-lam12): one seed each
+_ONE_SEED = frozenset({"margin-lam8", "kl-lam24"})
 
 POINTS: Tuple[Point, ...] = (
     Point("none", {"defence": "none"}),
