@@ -92,6 +92,15 @@ def test_non_dominated_points_by_hand():
     assert fr.non_dominated([0.3], [1.0]) == [True]
 
 
+def test_costs_within_the_resolution_count_as_equal():
+    # 2% cheaper but far weaker: not on the front at the 5% resolution, on it without one
+    cost, robust = [0.229, 0.234], [31.6, 47.5]
+    assert fr.non_dominated(cost, robust) == [False, True]
+    assert fr.non_dominated(cost, robust, cost_resolution=0.0) == [True, True]
+    # 10% cheaper is cheaper
+    assert fr.non_dominated([0.21, 0.234], [31.6, 47.5]) == [True, True]
+
+
 # --------------------------------------------------------------------------- the table on fake runs
 
 
