@@ -123,3 +123,12 @@ def test_import_fastland_does_not_import_matplotlib_or_select_a_backend():
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def test_front_labels_keep_their_gap_near_each_other_and_stay_put_when_alone():
+    xs, ys = [0.33, 0.33, 0.34, 1.0], [54.5, 54.0, 45.4, 54.5]
+    ly = plot._spread_labels(xs, ys, gap=2.0, near=0.3)
+    assert ly[0] == 54.5 and ly[3] == 54.5 and ly[2] == 45.4  # highest, far along x, already clear
+    assert ly[1] == 52.5  # moved one gap below its neighbour's label
+    near = [k for k in range(3)]
+    assert all(abs(ly[i] - ly[j]) >= 2.0 - 1e-9 for i in near for j in near if i < j)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from matplotlib.axes import Axes
@@ -315,6 +315,20 @@ def plot_flatness_vs_accuracy(
 # --------------------------------------------------------------------------- the robustness-cost front
 
 
+def _spread_labels(xs: Sequence[float], ys: Sequence[float], *, gap: float, near: float) -> List[float]:
+    """The height of each point's label: its own, moved down (from the highest point on) until
+    it is ``gap`` from every label already placed within ``near`` along x."""
+    out = [0.0] * len(xs)
+    placed: List[Tuple[float, float]] = []
+    for k in sorted(range(len(xs)), key=lambda i: -ys[i]):
+        ly = ys[k]
+        while any(abs(xs[k] - px) < near and abs(ly - py) < gap for px, py in placed):
+            ly = min(py for px, py in placed if abs(xs[k] - px) < near and abs(ly - py) < gap) - gap
+        placed.append((xs[k], ly))
+        out[k] = ly
+    return out
+
+
 def plot_front(
     cost: Sequence[float],
     robust: Sequence[float],
@@ -347,7 +361,7 @@ def plot_front(
             raise ValueError(f"{name}: expected {len(xs)} values (one per cost), got {len(seq)}")
     if not all(math.isfinite(v) for v in xs + ys + es) or min(es) < 0:
         raise ValueError("cost, robust, robust_std: expected finite numbers (robust_std >= 0)")
-    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    fig = Figure(figsize=(7.0, 5.0), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     for front, style in ((False, dict(mfc="white", color="tab:gray")), (True, dict(color="tab:red"))):
         idx = [k for k in range(len(xs)) if bool(on_front[k]) == front]
@@ -357,8 +371,13 @@ def plot_front(
     line = sorted((xs[k], ys[k]) for k in range(len(xs)) if on_front[k])
     if len(line) > 1:
         ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="tab:red", alpha=0.6)
-    for k, lab in enumerate(labels):
-        ax.annotate(str(lab), (xs[k], ys[k]), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
+    for k, ly in enumerate(_spread_labels(xs, ys, gap=0.045 * span_y, near=0.3 * span_x)):
+        moved = abs(ly - ys[k]) > 1e-9
+        ax.annotate(str(labels[k]), (xs[k], ys[k]), xytext=(xs[k] + 0.02 * span_x, ly + 0.01 * span_y),
+                    fontsize="x-small", va="bottom",
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if moved else None)
     ax.margins(x=0.25, y=0.15)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
