@@ -322,8 +322,8 @@ def _spread_labels(xs: Sequence[float], ys: Sequence[float], *, gap: float, near
     placed: List[Tuple[float, float]] = []
     for k in sorted(range(len(xs)), key=lambda i: -ys[i]):
         ly = ys[k]
-        while any(abs(xs[k] - px) < near and abs(ly - py) < gap for px, py in placed):
-            ly = min(py for px, py in placed if abs(xs[k] - px) < near and abs(ly - py) < gap) - gap
+        while clashes := [py for px, py in placed if abs(xs[k] - px) < near and abs(ly - py) < gap]:
+            ly = min(clashes) - gap
         placed.append((xs[k], ly))
         out[k] = ly
     return out
