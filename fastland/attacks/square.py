@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ._checks import attack_mode, check_attack_call, check_fraction, check_number, clean_logits, misclassified
 from ._checks import feasible_box, randint, random_signs
+from ._local_prefix import local_prefix
 from .losses import _true_and_best_other, margin_loss
 
 __all__ = ["square", "square_attack", "p_schedule"]
@@ -76,7 +77,15 @@ def _windows(side: int, n: int, shape: Tuple[int, ...], generator: Optional[torc
 def _candidate(x: Tensor, x_best: Tensor, eps: float, side: int,
                generator: Optional[torch.Generator]) -> Tensor:
     """``Π(x_best + 2ε·s·window)`` ``[n, C, H, W]`` with one sign ``s`` per (sample, channel),
-    signs redrawn (up to ``_RESAMPLE`` times, no query) where the window would not change.
+    signs redrawn (up to ``_RESAMPLE`` times, no query) where the window would not change
+    (:func:`_candidate_in_window` without the window's corners)."""
+    return _candidate_in_window(x, x_best, eps, side, generator)[0]
+
+
+def _candidate_in_window(x: Tensor, x_best: Tensor, eps: float, side: int,
+                         generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(candidate [n, C, H, W], top [n], left [n])``: the candidate of :func:`_candidate` and
+    the top-left corners of the windows it moved.
 
     Only the window's pixels can change (``x_best`` is in the ball and the box), so they are
     gathered as patches ``[n, C, side, side]``, moved and written into a copy of ``x_best``.
@@ -101,23 +110,32 @@ def _candidate(x: Tensor, x_best: Tensor, eps: float, side: int,
     signs = draws.gather(0, pick.view(1, n, 1).expand(1, n, c))[0]  # [n, C]
     out = x_best.clone()
     out[index] = torch.where(signs[:, :, None, None], up, down)
-    return out
+    return out, top, left
 
 
 def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: int, p_init: float,
                 generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor, Tensor]:
     """One Square run on ``x`` ``[n, C, H, W]`` (the start counts as one query).
 
+    Where the model has a local prefix (:func:`~fastland.attacks._local_prefix.local_prefix`),
+    each candidate's prefix features are recomputed on its window's receptive field only, and
+    the current points' features are kept beside them.
+
     Returns ``(x_out [n, C, H, W], margin_out [n], broken [n] bool)``: the first misclassified
     point of a broken sample (margin ``-inf``), else the lowest-margin point and its margin.
     """
     n, c, h, w = x.shape
+    prefix = local_prefix(model)
     x_out = x.clone()
     margin_out = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
     broken = torch.zeros(n, dtype=torch.bool, device=x.device)
     idx, xs, ys = torch.arange(n, device=x.device), x, y
     x_best = (x + eps * random_signs((n, c, 1, w), generator, x)).clamp(0.0, 1.0)
-    logits = model(x_best)
+    if prefix is None:
+        feat_best, logits = None, model(x_best)
+    else:
+        feat_best = prefix.features(x_best)
+        logits = prefix.rest(feat_best)
     best = margin_loss(logits, y)  # checks the logits once; the loop uses the unchecked parts
     hit = misclassified(logits, ys)  # [n]: misclassified at x_best
     for i in range(n_queries):
@@ -126,19 +144,26 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: i
             margin_out[idx[hit]] = float("-inf")
             keep = ~hit
             idx, xs, ys, x_best, best = idx[keep], xs[keep], ys[keep], x_best[keep], best[keep]
+            feat_best = feat_best[keep] if feat_best is not None else None
             if idx.numel() == 0:
                 break
         if i == n_queries - 1:
             break
         side = min(max(int(round(math.sqrt(p_schedule(i, n_queries, p_init) * h * w))), 1), h, w)
-        x_new = _candidate(xs, x_best, eps, side, generator)
-        new_logits = model(x_new)
+        x_new, top, left = _candidate_in_window(xs, x_best, eps, side, generator)
+        if prefix is None:
+            new_logits = model(x_new)
+        else:
+            feat_new = prefix.update(feat_best, x_new, top, left, side)
+            new_logits = prefix.rest(feat_new)
         z_y, z_other = _true_and_best_other(new_logits, ys)
         margin = z_y - z_other
         # a misclassified candidate is always taken, so x_best is misclassified exactly where hit
         hit = misclassified(new_logits, ys)
         take = (margin < best) | hit
         x_best = torch.where(take.view(-1, 1, 1, 1), x_new, x_best)
+        if prefix is not None:
+            feat_best = torch.where(take.view(-1, 1, 1, 1), feat_new, feat_best)
         best = torch.where(take, margin, best)
     x_out[idx], margin_out[idx] = x_best, best
     return x_out, margin_out, broken
