@@ -40,6 +40,9 @@ __all__ = ["square", "square_attack", "p_schedule"]
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
              (8000, 256))
 _RESAMPLE = 10
+# below this many samples still attacked, a whole forward is cheaper than the windowed
+# prefix update's gathers and scatters (the per-call overhead dominates at a few rows)
+_MIN_WINDOWED_ROWS = 32
 
 
 def p_schedule(i: int, n_queries: int, p_init: float) -> float:
@@ -119,13 +122,14 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: i
 
     Where the model has a local prefix (:func:`~fastland.attacks._local_prefix.local_prefix`),
     each candidate's prefix features are recomputed on its window's receptive field only, and
-    the current points' features are kept beside them.
+    the current points' features are kept beside them, while at least ``_MIN_WINDOWED_ROWS``
+    samples are attacked.
 
     Returns ``(x_out [n, C, H, W], margin_out [n], broken [n] bool)``: the first misclassified
     point of a broken sample (margin ``-inf``), else the lowest-margin point and its margin.
     """
     n, c, h, w = x.shape
-    prefix = local_prefix(model)
+    prefix = local_prefix(model) if n >= _MIN_WINDOWED_ROWS else None
     x_out = x.clone()
     margin_out = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
     broken = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -147,6 +151,8 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: i
             feat_best = feat_best[keep] if feat_best is not None else None
             if idx.numel() == 0:
                 break
+            if idx.numel() < _MIN_WINDOWED_ROWS:
+                prefix, feat_best = None, None
         if i == n_queries - 1:
             break
         side = min(max(int(round(math.sqrt(p_schedule(i, n_queries, p_init) * h * w))), 1), h, w)
