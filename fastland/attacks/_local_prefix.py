@@ -25,7 +25,7 @@ int64 window corners; the logits ``[n, K]``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,21 +117,33 @@ def _pool_size(module: nn.Module) -> Optional[Tuple[int, int]]:
     return None
 
 
-def run_forward(modules: List[nn.Module], z: Tensor) -> Tensor:
-    """``nn.Sequential(*modules)(z)`` without autograd's needs: each max-pool of stride =
-    kernel is :func:`_max_pool`, taken before a ReLU that precedes it (``max`` and ReLU
-    commute exactly)."""
+def forward_steps(modules: List[nn.Module]) -> List[Callable[[Tensor], Tensor]]:
+    """The steps of ``nn.Sequential(*modules)`` without autograd's needs, decided once: each
+    max-pool of stride = kernel is :func:`_max_pool`, taken before a ReLU that precedes it
+    (``max`` and ReLU commute exactly); any other module is called as it is."""
+    steps: List[Callable[[Tensor], Tensor]] = []
     i = 0
     while i < len(modules):
         module = modules[i]
         pool = _pool_size(modules[i + 1]) if i + 1 < len(modules) else None
         if type(module) is nn.ReLU and _is_plain(module) and pool is not None:
-            z = torch.relu(_max_pool(z, *pool))
+            steps.append(lambda z, k=pool: torch.relu(_max_pool(z, *k)))
             i += 2
             continue
         own = _pool_size(module)
-        z = _max_pool(z, *own) if own is not None else module(z)
+        steps.append((lambda z, k=own: _max_pool(z, *k)) if own is not None else module)
         i += 1
+    return steps
+
+
+def run_forward(modules: List[nn.Module], z: Tensor) -> Tensor:
+    """``nn.Sequential(*modules)(z)`` through :func:`forward_steps` (the same values)."""
+    return _apply(forward_steps(modules), z)
+
+
+def _apply(steps: List[Callable[[Tensor], Tensor]], z: Tensor) -> Tensor:
+    for step in steps:
+        z = step(z)
     return z
 
 
@@ -152,8 +164,9 @@ class LocalPrefix:
                  counter: Optional[CallCounter]) -> None:
         self.normalize = normalize
         self.first = prefix[0]
-        self.layers = list(prefix)
-        self.rest_modules = list(rest)
+        self._prefix_steps = forward_steps(list(prefix))
+        self._after_first = forward_steps(list(prefix)[1:])
+        self._rest_steps = forward_steps(list(rest))
         self.counter = counter
         self.padding: Tuple[int, int] = _pair(self.first.padding)
         geometry = [_local_layer(m, i == 0) for i, m in enumerate(prefix)]
@@ -163,11 +176,11 @@ class LocalPrefix:
     def features(self, x: Tensor) -> Tensor:
         """``[n, C, H, W]`` → the prefix's output ``[n, C', H', W']``."""
         z = self.normalize(x) if self.normalize is not None else x
-        return run_forward(self.layers, z)
+        return _apply(self._prefix_steps, z)
 
     def rest(self, features: Tensor) -> Tensor:
         """``[n, C', H', W']`` → logits ``[n, K]`` (counted as one model forward of ``n`` rows)."""
-        logits = run_forward(self.rest_modules, features)
+        logits = _apply(self._rest_steps, features)
         if self.counter is not None:
             self.counter._add(self.counter.stage, "forward", int(features.shape[0]))
         return logits
@@ -205,7 +218,7 @@ class LocalPrefix:
                   (rows[:, None] + torch.arange(nh, device=x_new.device)).view(n, 1, nh, 1),
                   (cols[:, None] + torch.arange(nw, device=x_new.device)).view(n, 1, 1, nw)]
         out = F.conv2d(patch, self.first.weight, self.first.bias, groups=self.first.groups)
-        out = run_forward(self.layers[1:], out)
+        out = _apply(self._after_first, out)
         k = features.shape[1]
         new = features.clone()
         new[samples, torch.arange(k, device=x_new.device).view(1, k, 1, 1),
