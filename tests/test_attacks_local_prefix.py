@@ -1,17 +1,16 @@
 """The local prefix Square recomputes on a window's receptive field: the windowed features
 equal the full ones for every window size and position (borders included), the split model
-equals the model, the strided-maximum pooling equals ``max_pool2d``, what is not recognised
-falls back, and Square gives the same result with and without the prefix."""
+equals the model, what is not recognised falls back, and Square gives the same result with
+and without the prefix."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastland import models
 from fastland.attacks._counting import CallCounter
-from fastland.attacks._local_prefix import _max_pool, local_prefix, run_forward
+from fastland.attacks._local_prefix import local_prefix, run_forward
 from fastland.attacks.square import _MIN_WINDOWED_ROWS, square_attack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,15 +62,6 @@ def test_windowed_update_equals_the_full_features(name, dataset, shape, dtype, t
             x_new = _moved(x, top, left, side, g)
             got = prefix.update(feat, x_new, top, left, side)
             torch.testing.assert_close(got, prefix.features(x_new), atol=tol, rtol=tol)
-
-
-@pytest.mark.parametrize("shape,kernel", [((3, 4, 7, 9), (2, 2)), ((2, 3, 6, 6), (3, 3)), ((2, 2, 7, 8), (2, 3)),
-                                          ((1, 1, 1, 5), (1, 2))])
-def test_strided_maximum_equals_max_pool2d(shape, kernel) -> None:
-    g = torch.Generator().manual_seed(2)
-    z = torch.randn(*shape, generator=g)
-    z[0, 0, :2] = 0.0  # ties
-    assert torch.equal(_max_pool(z, *kernel), F.max_pool2d(z, kernel))
 
 
 def test_run_forward_equals_the_sequential() -> None:

@@ -48,8 +48,12 @@ class CallCounter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, C]`` of the wrapped model at ``x`` ``[B, *S]``, counted."""
-        out = self.model(x)
-        stage, rows = self.stage, int(x.shape[0])
+        return self.record(self.model(x), int(x.shape[0]))
+
+    def record(self, out: Tensor, rows: int) -> Tensor:
+        """Count one forward of ``rows`` rows that gave ``out``, and the backward that will
+        reach ``out`` (if it requires grad); returns ``out``."""
+        stage = self.stage
         self._add(stage, "forward", rows)
         if isinstance(out, Tensor) and out.requires_grad:
             out.register_hook(lambda grad: self._add(stage, "backward", rows))

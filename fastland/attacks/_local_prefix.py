@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._counting import CallCounter
+from ._max_pool import max_pool
 
-__all__ = ["LocalPrefix", "local_prefix", "run_forward"]
+__all__ = ["LocalPrefix", "local_prefix", "run_forward", "forward_steps", "unwrap"]
 
 _Layer = Tuple[int, int]  # (kernel, stride) of one local layer along one spatial dimension
 
@@ -94,44 +95,31 @@ def _needed(block: int, layers: List[_Layer]) -> int:
     return length
 
 
-def _max_pool(z: Tensor, kh: int, kw: int) -> Tensor:
-    """``max_pool2d(z, (kh, kw))`` (stride = kernel, no padding) ``[n, C, H, W]`` →
-    ``[n, C, H // kh, W // kw]`` as elementwise maxima of strided slices: the same values
-    (a maximum rounds nothing), several times faster than the CPU pooling kernel for small
-    planes."""
-    h, w = (z.shape[2] // kh) * kh, (z.shape[3] // kw) * kw
-    z = z[:, :, :h, :w]
-    rows = z[:, :, 0::kh]
-    for i in range(1, kh):
-        rows = torch.maximum(rows, z[:, :, i::kh])
-    out = rows[:, :, :, 0::kw]
-    for j in range(1, kw):
-        out = torch.maximum(out, rows[:, :, :, j::kw])
-    return out
-
-
 def _pool_size(module: nn.Module) -> Optional[Tuple[int, int]]:
-    """``(kh, kw)`` of a max-pool :func:`_max_pool` computes (stride = kernel), else None."""
+    """``(kh, kw)`` of a max-pool :func:`~fastland.attacks._max_pool.max_pool` computes
+    (stride = kernel), else None."""
     if type(module) is nn.MaxPool2d and _is_plain(module) and _local_layer(module, False) is not None:
         return _pair(module.kernel_size)
     return None
 
 
 def forward_steps(modules: List[nn.Module]) -> List[Callable[[Tensor], Tensor]]:
-    """The steps of ``nn.Sequential(*modules)`` without autograd's needs, decided once: each
-    max-pool of stride = kernel is :func:`_max_pool`, taken before a ReLU that precedes it
-    (``max`` and ReLU commute exactly); any other module is called as it is."""
+    """The steps of ``nn.Sequential(*modules)``, decided once: each max-pool of stride =
+    kernel is :func:`~fastland.attacks._max_pool.max_pool`, taken before a ReLU that precedes
+    it (``max`` and ReLU commute exactly, and so do their gradients: both send nothing where
+    the window's maximum is ≤ 0 and route it to the window's first maximum elsewhere); any
+    other module is called as it is. Values and gradients are those of the modules."""
     steps: List[Callable[[Tensor], Tensor]] = []
     i = 0
     while i < len(modules):
         module = modules[i]
         pool = _pool_size(modules[i + 1]) if i + 1 < len(modules) else None
         if type(module) is nn.ReLU and _is_plain(module) and pool is not None:
-            steps.append(lambda z, k=pool: torch.relu(_max_pool(z, *k)))
+            steps.append(lambda z, k=pool: torch.relu(max_pool(z, *k)))
             i += 2
             continue
         own = _pool_size(module)
-        steps.append((lambda z, k=own: _max_pool(z, *k)) if own is not None else module)
+        steps.append((lambda z, k=own: max_pool(z, *k)) if own is not None else module)
         i += 1
     return steps
 
@@ -227,22 +215,30 @@ class LocalPrefix:
         return new
 
 
-def local_prefix(model: nn.Module) -> Optional[LocalPrefix]:
-    """The :class:`LocalPrefix` of ``model``, or None where this path does not apply."""
+def unwrap(model: nn.Module) -> Optional[Tuple[Optional[CallCounter], Optional[nn.Module], nn.Sequential]]:
+    """``(counter, normalize, body)`` of a model these paths recognise — a plain
+    :class:`fastland.models.Classifier` (with its ``Normalize``) or ``nn.Sequential``,
+    optionally inside a plain :class:`CallCounter` — else None."""
     from ..models import Classifier, Normalize
 
     counter = None
     if type(model) is CallCounter and _is_plain(model):
         counter, model = model, model.model
-    normalize: Optional[nn.Module] = None
     if type(model) is Classifier and _is_plain(model):
         if type(model.normalize) is not Normalize or not _is_plain(model.normalize):
             return None
-        normalize, body = model.normalize, model.body
-    elif type(model) is nn.Sequential and _is_plain(model):
-        body = model
-    else:
+        return counter, model.normalize, model.body
+    if type(model) is nn.Sequential and _is_plain(model):
+        return counter, None, model
+    return None
+
+
+def local_prefix(model: nn.Module) -> Optional[LocalPrefix]:
+    """The :class:`LocalPrefix` of ``model``, or None where this path does not apply."""
+    parts = unwrap(model)
+    if parts is None:
         return None
+    counter, normalize, body = parts
     modules = list(body)
     end = None
     for i, module in enumerate(modules):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ._checks import attack_mode, check_attack_call, check_fraction, check_number, clean_logits, misclassified
 from ._checks import feasible_box, rand
+from ._fast_forward import Forward, forward_of
 from .losses import LOSSES, targeted_dlr_loss
 
 __all__ = ["apgd", "apgd_targeted", "checkpoints"]
@@ -54,12 +55,12 @@ def checkpoints(steps: int) -> List[int]:
 
 
 def _loss_and_grad(
-    model: nn.Module, x: Tensor, y: Tensor, target: Optional[Tensor], loss_fn: LossFn
+    forward: Forward, x: Tensor, y: Tensor, target: Optional[Tensor], loss_fn: LossFn
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logits [n, C], loss [n], ∇x Σ loss [n, *S])`` from one forward and one input-only backward."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x)
+        logits = forward(x)
         loss = loss_fn(logits, y, target)
         (grad,) = torch.autograd.grad(loss.sum(), x)
     return logits.detach(), loss.detach(), grad
@@ -137,13 +138,14 @@ def _record_best(s: _Batch, x_out: Tensor, loss_out: Tensor) -> None:
 
 
 def _batched_run(
-    model: nn.Module, x: Tensor, y: Tensor, target: Optional[Tensor], owner: Tensor, n_owners: int,
+    forward: Forward, x: Tensor, y: Tensor, target: Optional[Tensor], owner: Tensor, n_owners: int,
     x_start: Tensor, eps: float, loss_fn: LossFn, steps: int, rho: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One APGD run per row, all rows in one batch; the rows of a sample (one per target) stop
     together as soon as one of them misclassifies it.
 
     Args:
+        forward: the model's logits (:func:`~fastland.attacks._fast_forward.forward_of`).
         x, y: ``[R, *S]`` and ``[R]``, each row's clean input and label.
         target: ``[R]`` each row's target class, or None (untargeted).
         owner: ``[R]`` int64, each row's sample in ``[0, n_owners)``; rows are target-major
@@ -158,7 +160,7 @@ def _batched_run(
     x_out[owner] = x
     loss_out = torch.full((n_owners,), float("-inf"), dtype=x.dtype, device=x.device)
     broken = torch.zeros(n_owners, dtype=torch.bool, device=x.device)
-    logits, loss, grad = _loss_and_grad(model, x_start, y, target, loss_fn)
+    logits, loss, grad = _loss_and_grad(forward, x_start, y, target, loss_fn)
     r = x.shape[0]
     s = _Batch(
         owner=owner, y=y, x_cur=x_start, x_prev=x_start, grad=grad,
@@ -186,7 +188,7 @@ def _batched_run(
             last_mark = i
         with torch.no_grad():
             x_new = _step(s, _MOMENTUM if i > 0 else 1.0)
-        logits, loss, grad = _loss_and_grad(model, x_new, s.y, getattr(s, "target", None), loss_fn)
+        logits, loss, grad = _loss_and_grad(forward, x_new, s.y, getattr(s, "target", None), loss_fn)
         better = loss > s.loss_best
         s.n_rises = s.n_rises + (loss > s.loss_prev)
         s.x_prev, s.x_cur, s.grad, s.loss_prev = s.x_cur, x_new, grad, loss
@@ -198,7 +200,7 @@ def _batched_run(
 
 
 def _run_restarts(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, loss_fn: LossFn, targets: Optional[Tensor], *,
+    forward: Forward, x: Tensor, y: Tensor, eps: float, loss_fn: LossFn, targets: Optional[Tensor], *,
     steps: int, restarts: int, rho: float, generator: Optional[torch.Generator], broken: Tensor,
     max_rows: int,
 ) -> Tuple[Tensor, Tensor]:
@@ -233,7 +235,7 @@ def _run_restarts(
             rows = todo[alive.repeat(ks.numel())]  # target-major
             t = None if targets is None else targets[rows, ks.repeat_interleave(m)]
             owner = torch.arange(m, device=x.device).repeat(ks.numel())
-            x_run, loss_run, hit = _batched_run(model, x[rows], y[rows], t, owner, m,
+            x_run, loss_run, hit = _batched_run(forward, x[rows], y[rows], t, owner, m,
                                                 starts[ks][:, alive].flatten(0, 1), eps, loss_fn, steps, rho)
             done = todo[alive]
             take = hit | (loss_run > best[done])
@@ -275,8 +277,9 @@ def apgd_attack(
         logits = clean_logits(model, x, y)
         if loss == "dlr" and logits.shape[1] < 3:
             raise ValueError(f"loss: 'dlr' needs at least 3 classes, got logits of shape {tuple(logits.shape)}")
-        return _run_restarts(model, x, y, eps, _untargeted(loss), None, steps=steps, restarts=restarts, rho=rho,
-                             generator=generator, broken=misclassified(logits, y), max_rows=x.shape[0])
+        return _run_restarts(forward_of(model), x, y, eps, _untargeted(loss), None, steps=steps,
+                             restarts=restarts, rho=rho, generator=generator,
+                             broken=misclassified(logits, y), max_rows=x.shape[0])
 
 
 def apgd(
@@ -331,8 +334,8 @@ def apgd_targeted_attack(
             )
         others = logits.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
         k = min(n_target_classes, n_classes - 1)
-        return _run_restarts(model, x, y, eps, _targeted, others[:, :k], steps=steps, restarts=restarts, rho=rho,
-                             generator=generator, broken=misclassified(logits, y),
+        return _run_restarts(forward_of(model), x, y, eps, _targeted, others[:, :k], steps=steps,
+                             restarts=restarts, rho=rho, generator=generator, broken=misclassified(logits, y),
                              max_rows=x.shape[0] if max_rows is None else max_rows)
 
 

@@ -28,6 +28,7 @@ from .._checks import check_in_unit_box, check_same_device, check_tensor
 from .._checks import check_model_dtype
 from .._grid import check_logits, module_mode
 from .._progress import progress_bar
+from ._fast_forward import Forward, forward_of
 
 __all__ = ["fgsm", "pgd", "MODES"]
 
@@ -82,14 +83,15 @@ def attack_mode(model: nn.Module, mode: str = "eval") -> "contextlib.AbstractCon
     return module_mode(model, {"eval": False, "train": True, "keep": None}[mode])
 
 
-def _input_gradient(model: nn.Module, x_adv: Tensor, y: Tensor, first: bool) -> Tensor:
-    """``∇_x Σ_i CE(model(x_adv)_i, y_i)`` ``[B, *S]``; only the input's gradient is computed.
+def _input_gradient(forward: Forward, x_adv: Tensor, y: Tensor, first: bool) -> Tensor:
+    """``∇_x Σ_i CE(forward(x_adv)_i, y_i)`` ``[B, *S]``; only the input's gradient is computed;
+    ``forward`` gives the model's logits (:func:`~fastland.attacks._fast_forward.forward_of`).
 
     The sum (not the mean) keeps each row's gradient independent of ``B``.
     """
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x_adv)
+        logits = forward(x_adv)
         if first:
             _check_labels_in_range(y, logits)
         loss = F.cross_entropy(logits, y, reduction="sum")
@@ -129,7 +131,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, mode: str = "eva
     _check_number("eps", eps)
     x = x.detach()
     with attack_mode(model, mode):
-        grad = _input_gradient(model, x, y, first=True)
+        grad = _input_gradient(forward_of(model), x, y, first=True)
     return _project(x + eps * grad.sign(), x, eps)
 
 
@@ -180,8 +182,9 @@ def pgd(
     x_adv = _project(_uniform_start(x, eps, generator), x, eps) if random_start else x.clone()
     bar = progress_bar(steps, "pgd", progress, unit="step")
     with attack_mode(model, mode):
+        forward = forward_of(model)
         for t in range(steps):
-            grad = _input_gradient(model, x_adv, y, first=t == 0)
+            grad = _input_gradient(forward, x_adv, y, first=t == 0)
             x_adv = _project(x_adv + alpha * grad.sign(), x, eps)
             bar.update(1)
     bar.close()
