@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attack_models import Opaque, seeded_model
 from fastland import models
 from fastland.attacks import _fast_forward, apgd, apgd_targeted, pgd
 from fastland.attacks._counting import CallCounter
@@ -17,22 +18,6 @@ from fastland.attacks._fast_forward import FastForward, fast_forward, forward_of
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = [("lenet", "fmnist", (1, 28, 28)), ("ddnet", "fmnist", (1, 28, 28)), ("lenet", "cifar10", (3, 32, 32))]
-
-
-class Opaque(nn.Module):
-    """The same function behind a wrapper :func:`fast_forward` does not look into."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
-def _model(name: str, dataset: str) -> nn.Module:
-    torch.manual_seed(0)
-    return models.create(name, dataset).eval()
 
 
 def _images(n: int, shape, seed: int) -> torch.Tensor:
@@ -58,7 +43,7 @@ def _logits_and_gradient(forward, x: torch.Tensor, y: torch.Tensor):
 
 @pytest.mark.parametrize("name,dataset,shape", MODELS, ids=str)
 def test_logits_and_input_gradient_are_the_models(name, dataset, shape) -> None:
-    model = _model(name, dataset)
+    model = seeded_model(name, dataset)
     forward = fast_forward(model)
     assert isinstance(forward, FastForward)
     x, y = _images(17, shape, 2), torch.arange(17) % 10
@@ -73,13 +58,13 @@ def test_a_plain_sequential_and_a_counted_model() -> None:
     x, y = _images(9, (1, 12, 12), 3), torch.arange(9)
     got, want = _logits_and_gradient(fast_forward(body), x, y), _logits_and_gradient(body, x, y)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    hooked = _model("lenet", "fmnist")
+    hooked = seeded_model("lenet", "fmnist")
     seen = []
     hooked.body.pool1.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # called as it is
     x = _images(5, (1, 28, 28), 4)
     with torch.no_grad():
         assert torch.equal(fast_forward(hooked)(x), hooked(x)) and len(seen) == 2
-    counted = CallCounter(_model("lenet", "fmnist"))
+    counted = CallCounter(seeded_model("lenet", "fmnist"))
     forward = fast_forward(counted)
     assert forward is not None
     _logits_and_gradient(forward, _images(5, (1, 28, 28), 4), torch.arange(5))
@@ -87,10 +72,10 @@ def test_a_plain_sequential_and_a_counted_model() -> None:
 
 
 @pytest.mark.parametrize("build", [
-    lambda: Opaque(_model("lenet", "fmnist")),
+    lambda: Opaque(seeded_model("lenet", "fmnist")),
     lambda: models.ResNet18(width=4),  # no max-pool: nothing to change
     lambda: nn.Sequential(nn.Flatten(), nn.Linear(4, 3)),
-    lambda: _hooked(_model("lenet", "fmnist")),
+    lambda: _hooked(seeded_model("lenet", "fmnist")),
     lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, stride=1), nn.Flatten()),  # overlapping pool
 ], ids=["wrapper", "resnet", "no-pool", "hook", "overlapping-pool"])
 def test_what_is_not_recognised_is_called_as_it_is(build) -> None:
@@ -119,7 +104,7 @@ def test_attacks_are_the_same_with_and_without_it(monkeypatch, attack) -> None:
     for use in (True, False):
         if not use:
             monkeypatch.setattr(_fast_forward, "fast_forward", lambda model: None)
-        counted = CallCounter(_model("lenet", "fmnist"))
+        counted = CallCounter(seeded_model("lenet", "fmnist"))
         results.append((ATTACKS[attack](counted, x, y), counted.counts))
     (x_fast, counts_fast), (x_plain, counts_plain) = results
     assert torch.equal(x_fast, x_plain)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from attack_models import Opaque, seeded_model
 from fastland import models
 from fastland.attacks._counting import CallCounter
 from fastland.attacks._local_prefix import local_prefix, run_forward
@@ -16,22 +17,6 @@ from fastland.attacks.square import _MIN_WINDOWED_ROWS, square_attack
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = [("lenet", "fmnist", (1, 28, 28)), ("ddnet", "fmnist", (1, 28, 28)), ("lenet", "cifar10", (3, 32, 32))]
-
-
-class Opaque(nn.Module):
-    """The same function behind a wrapper :func:`local_prefix` does not look into."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
-def _model(name: str, dataset: str, dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(0)
-    return models.create(name, dataset).eval().to(dtype)
 
 
 def _moved(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, side: int, g: torch.Generator) -> torch.Tensor:
@@ -46,7 +31,7 @@ def _moved(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, side: int, g:
 @pytest.mark.parametrize("name,dataset,shape", MODELS, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
 def test_windowed_update_equals_the_full_features(name, dataset, shape, dtype, tol) -> None:
-    model = _model(name, dataset, dtype)
+    model = seeded_model(name, dataset, dtype)
     prefix = local_prefix(model)
     assert prefix is not None
     g = torch.Generator().manual_seed(1)
@@ -100,7 +85,7 @@ def test_what_is_not_recognised_falls_back(build) -> None:
 
 @pytest.mark.parametrize("name,dataset,shape", MODELS[:2], ids=["lenet", "ddnet"])
 def test_square_is_the_same_with_and_without_the_prefix(name, dataset, shape) -> None:
-    model = _model(name, dataset, torch.float64)
+    model = seeded_model(name, dataset, torch.float64)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(2.5)  # logits that depend on the input more than at initialisation
