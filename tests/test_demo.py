@@ -7,6 +7,7 @@ import re
 import pytest
 
 from fastland.experiments.demo import DEMO_DEFENCES, run_demo
+from fastland.experiments.train import Runtime
 
 
 def _report_rows(text: str) -> dict:
@@ -19,7 +20,8 @@ def _report_rows(text: str) -> dict:
 
 
 def test_demo_on_synthetic_data_writes_report_with_figures(tmp_path):
-    report = run_demo(tmp_path, epochs=1, train_size=64, n_eval=32, n_phi=3, dataset="synthetic", progress=False)
+    report = run_demo(tmp_path, epochs=1, train_size=64, n_eval=32, n_phi=3, dataset="synthetic",
+                      runtime=Runtime(progress=False))
     assert report == tmp_path / "report.md"
     text = report.read_text()
     rows = _report_rows(text)
@@ -50,7 +52,7 @@ def test_real_demo_shows_amsreg_flatter_than_no_defence(tmp_path):
     """The demo as `make demo` runs it (minutes on 2 cores)."""
     if not _fmnist_available():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    report = run_demo(tmp_path, progress=False)
+    report = run_demo(tmp_path, runtime=Runtime(progress=False))
     rows = _report_rows(report.read_text())
     none, ams = rows[DEMO_DEFENCES["none"]], rows[DEMO_DEFENCES["amsreg"]]
     assert ams[0] > none[0]  # Φ: AMSReg flatter

@@ -14,6 +14,7 @@ from fastland.choices import ATTACK_PENALTY_VARIANTS, DEFENCES
 from fastland.experiments.cli import build_parser, main
 from fastland.experiments.commands import _train_config
 from fastland.experiments.evaluate import default_eval_settings
+from fastland.experiments.train import Runtime
 
 NAMES = ["none", "jacobian", "amsreg", "at", "fgsm_rs-a1.25", "fgsm_rs-a2", "trades-b1", "trades-b6",
          "directional-lam32", "directional-lam64", "directional-lam128"]
@@ -141,7 +142,7 @@ def test_front_table_and_figure_from_finished_runs_marking_what_is_missing(tmp_p
     fig = tmp_path / "docs" / "front.png"
     report = fr.front(out, epochs=2, seeds=3, points=["none", "jacobian", "amsreg", "at", "trades-b6"],
                       eval_settings=s, costs=costs, figure=fig, train=False, setting="synthetic-lenet",
-                      train_size=64, progress=False)
+                      train_size=64, runtime=Runtime(progress=False))
     assert report == out / "front.md"
     rows = {r["point"]: r for r in csv.DictReader((out / "front.csv").open())}
     assert list(rows) == ["none", "jacobian", "amsreg", "at", "trades-b6"]
@@ -175,7 +176,7 @@ def test_front_table_and_figure_from_finished_runs_marking_what_is_missing(tmp_p
     assert text.startswith("# fastland front synthetic-lenet\n\nlenet on synthetic, 2 epochs per model.")
     # no cost file: the cost column says so, nothing is on the front, no figure (the old one removed), no crash
     fr.front(out, epochs=2, seeds=3, points=["none", "at"], eval_settings=s, costs=tmp_path / "absent.json",
-             train=False, setting="synthetic-lenet", train_size=64, progress=False)
+             train=False, setting="synthetic-lenet", train_size=64, runtime=Runtime(progress=False))
     text = (out / "front.md").read_text()
     assert "not measured (run benchmarks/bench_front.py" in text and not (out / "front.png").exists()
     assert [r["cost_share"] for r in csv.DictReader((out / "front.csv").open())] == ["", ""]
@@ -205,7 +206,7 @@ def test_front_trains_evaluates_then_reads_back_a_tiny_point(tmp_path, monkeypat
 
     s = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=16, n_phi=2, phi_points=3, attack="pgd")
     kw = dict(epochs=1, points=["jacobian"], eval_settings=s, costs=tmp_path / "none.json",
-              setting="synthetic-lenet", train_size=32, batch_size=32, progress=False)
+              setting="synthetic-lenet", train_size=32, batch_size=32, runtime=Runtime(progress=False))
     fr.front(tmp_path, **kw)
     ev = json.loads((tmp_path / "jacobian-s0" / "eval.json").read_text())
     row = next(csv.DictReader((tmp_path / "front.csv").open()))

@@ -12,6 +12,7 @@ import torch
 import fastland.experiments.jobs as jb
 from fastland.experiments.evaluate import EvalSettings
 from fastland.experiments.train import TrainConfig
+from fastland.experiments.train import Runtime
 
 TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=16, n_phi=2, phi_points=3, attack="pgd",
                          batch_size=64)
@@ -66,7 +67,7 @@ def test_jobs_in_two_processes_give_the_models_of_one_thread_in_process_bit_for_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res1 = jb.run_jobs(one, n_jobs=1, progress=False)
+        res1 = jb.run_jobs(one, n_jobs=1, runtime=Runtime(progress=False))
     finally:
         torch.set_num_threads(threads)
     log = io.StringIO()
@@ -93,7 +94,7 @@ def test_a_failing_job_lets_the_others_finish_then_names_its_run_and_log(tmp_pat
     bad.run_dir.mkdir(parents=True)
     (bad.run_dir / "config.json").write_text(json.dumps({**bad.config.to_dict(), "lr": 0.5}))  # other settings
     with pytest.raises(jb.JobFailed) as e:
-        jb.run_jobs([bad, good], n_jobs=2, progress=False)
+        jb.run_jobs([bad, good], n_jobs=2, runtime=Runtime(progress=False))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("run bad failed (ValueError: out:") and str(bad.log) in msg
     assert "Traceback" in bad.log.read_text()
@@ -105,7 +106,7 @@ def test_in_process_errors_propagate_and_bad_job_lists_are_refused(tmp_path):
     bad.run_dir.mkdir(parents=True)
     (bad.run_dir / "config.json").write_text(json.dumps({**bad.config.to_dict(), "lr": 0.5}))
     with pytest.raises(ValueError, match="written with other settings"):
-        jb.run_jobs([bad], n_jobs=1, progress=False)
+        jb.run_jobs([bad], n_jobs=1, runtime=Runtime(progress=False))
     with pytest.raises(ValueError, match="jobs: expected an integer >= 1, got 0"):
         jb.run_jobs([bad], n_jobs=0)
     with pytest.raises(ValueError, match="jobs: expected distinct names and run folders"):

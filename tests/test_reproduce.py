@@ -12,10 +12,12 @@ import fastland.experiments.train as tr
 from fastland.experiments.evaluate import EvalSettings
 from fastland.choices import PAPER_DEFENCES as DEFENCES
 from fastland.experiments.paper import paper_settings
+from fastland.experiments.train import Runtime
 
 TINY_EVAL = EvalSettings(eps=25 / 255, alpha=6.25 / 255, steps=2, n_pgd=32, n_phi=3, phi_points=3, attack="strong",
                          n_strong=16, strong_steps=3, n_queries=20)
-TINY = dict(epochs=1, train_size=64, batch_size=32, eval_settings=TINY_EVAL, progress=False, figure_points=5)
+TINY = dict(epochs=1, train_size=64, batch_size=32, eval_settings=TINY_EVAL, runtime=Runtime(progress=False),
+            figure_points=5)
 
 
 def test_paper_tables_are_transcribed():
@@ -105,7 +107,7 @@ def test_reproduce_paper_setting_with_missing_data_is_a_clear_error(tmp_path):
     from fastland.data import DataNotFoundError
 
     with pytest.raises(DataNotFoundError, match="CIFAR-10"):
-        rp.reproduce("cifar10-ddnet", tmp_path, epochs=1, data_dir=str(tmp_path / "nothing"), progress=False)
+        rp.reproduce("cifar10-ddnet", tmp_path, epochs=1, runtime=Runtime(data_dir=str(tmp_path / "nothing"), progress=False))
 
 
 @pytest.mark.parametrize("kwargs,name", [

@@ -10,7 +10,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .train import Runtime
 
 __all__ = ["cmd_train", "cmd_evaluate", "cmd_flatness", "cmd_landscape", "cmd_reproduce", "cmd_front", "cmd_demo"]
 
@@ -85,10 +88,10 @@ def _leave_process_group() -> None:
 
 
 def _load_run_and_test(args: argparse.Namespace) -> Any:
-    from .train import load_data, load_trained
+    from .train import load_trained
 
     model, cfg = load_trained(args.run, device=_device(args.device))
-    x, y = load_data(cfg, "test", data_dir=args.data_dir, download=args.download)
+    x, y = _runtime(args).data(cfg, "test")
     return model, cfg, x, y
 
 
@@ -134,13 +137,13 @@ def cmd_flatness(args: argparse.Namespace) -> int:
 
 def cmd_landscape(args: argparse.Namespace) -> int:
     from .reproduce import landscape_figure
-    from .train import load_data, load_trained
+    from .train import load_trained
 
     loaded = [load_trained(r, device=_device(args.device)) for r in args.runs]
     datasets = {c.dataset for _, c in loaded}
     if len(datasets) != 1:
         raise ValueError(f"runs: expected runs on one data set, got {sorted(datasets)}")
-    x, y = load_data(loaded[0][1], "test", data_dir=args.data_dir, download=args.download)
+    x, y = _runtime(args).data(loaded[0][1], "test")
     if not 0 <= args.index < x.shape[0]:
         raise ValueError(f"--index: expected 0 <= index < {x.shape[0]}, got {args.index}")
     models = {Path(r).name: m for r, (m, _) in zip(args.runs, loaded)}
@@ -162,6 +165,15 @@ def _report_failed_jobs(command: str, e: Exception) -> int:
     return 1
 
 
+def _runtime(args: argparse.Namespace) -> Runtime:
+    """The :class:`~fastland.experiments.train.Runtime` of the shared options ``--data-dir``,
+    ``--download``, ``--device`` and ``--no-progress``."""
+    from .train import Runtime
+
+    return Runtime(data_dir=args.data_dir, download=args.download, device=args.device,
+                   progress=not args.no_progress)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .jobs import JobFailed
     from .reproduce import CONFIGS, default_out, reproduce
@@ -173,8 +185,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         report = reproduce(args.setting, out, epochs=args.epochs, defences=_names(args.defences), eval_settings=s,
                            train_size=args.train_size, batch_size=args.batch_size, seed=args.seed,
                            seeds=args.seeds, jobs=args.jobs, sweep=args.sweep, variant=args.variant,
-                           attack_lam=args.attack_lam, figures=not args.no_figures, data_dir=args.data_dir,
-                           download=args.download, device=args.device, progress=not args.no_progress)
+                           attack_lam=args.attack_lam, figures=not args.no_figures, runtime=_runtime(args))
     except JobFailed as e:
         return _report_failed_jobs("reproduce", e)
     print(f"results: {report}")
@@ -191,8 +202,7 @@ def cmd_front(args: argparse.Namespace) -> int:
         report = front(args.out or default_out(args.epochs), epochs=args.epochs, seeds=args.seeds,
                        points=_names(args.points) if args.points is not None else None, eval_settings=s,
                        costs=args.costs, figure=args.figure, train=not args.no_train, jobs=args.jobs,
-                       data_dir=args.data_dir, download=args.download, device=args.device,
-                       progress=not args.no_progress)
+                       runtime=_runtime(args))
     except JobFailed as e:
         return _report_failed_jobs("front", e)
     print(f"front: {report}")
@@ -203,8 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     report = run_demo(args.out, epochs=args.epochs, train_size=args.train_size, n_eval=args.n_eval,
-                      n_phi=args.n_phi, seed=args.seed, data_dir=args.data_dir, download=args.download,
-                      device=args.device, progress=not args.no_progress)
+                      n_phi=args.n_phi, seed=args.seed, runtime=_runtime(args))
     print(f"demo report: {report}")
     return 0
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from .evaluate import default_eval_settings, evaluate
 from .._io import atomic_write_text
-from .train import TrainConfig, load_data, train
+from .train import Runtime, TrainConfig
 
 __all__ = ["run_demo", "DEMO_DEFENCES"]
 
@@ -33,10 +33,7 @@ def run_demo(
     n_phi: int = 100,
     seed: int = 0,
     dataset: str = "fmnist",
-    data_dir: Optional[str] = None,
-    download: bool = False,
-    device: str = "auto",
-    progress: bool = True,
+    runtime: Runtime = Runtime(),
 ) -> Path:
     """Run the demo into ``out``; returns the path of ``report.md``.
 
@@ -46,13 +43,15 @@ def run_demo(
         train_size: train on a fixed random subset (None: the whole training set).
         n_eval: test images for clean and PGD accuracy; n_phi: test images for Φ.
         dataset: ``"fmnist"`` (``"synthetic"`` for tests).
+        runtime: the data, device and progress output (:class:`~fastland.experiments.train.Runtime`).
     """
     from .reproduce import landscape_figure
 
     t_start = time.perf_counter()
     out = Path(out)
     base = TrainConfig(model="lenet", dataset=dataset, epochs=epochs, seed=seed, train_size=train_size)
-    test = load_data(base, "test", data_dir=data_dir, download=download)  # fails early when data are missing
+    progress = runtime.progress
+    test = runtime.data(base, "test")  # fails early when data are missing
     settings = default_eval_settings(dataset, n_clean=n_eval, n_pgd=n_eval, n_phi=n_phi, seed=seed, attack="pgd")
     models: Dict[str, Any] = {}
     rows: List[Dict[str, Any]] = []
@@ -60,8 +59,7 @@ def run_demo(
         c = dataclasses.replace(base, defence=defence)
         if progress:
             print(f"demo: training LeNet-5 [{label}] for {epochs} epochs", flush=True)
-        r = train(c, out / defence, data_dir=data_dir, download=download, resume=True, device=device,
-                  progress=progress)
+        r = runtime.train(c, out / defence)
         if progress:
             print(f"demo: evaluating [{label}]", flush=True)
         res = evaluate(r.model, *test, settings, progress=progress)

@@ -29,7 +29,7 @@ from .jobs import Job, JobResult, finished_result, run_jobs
 from .paper import CONFIGS
 from .reproduce import FLAG_KEYS, SPREAD_KEYS, aggregate, eval_text, pm, write_csv
 from .run_folder import METRICS, is_complete
-from .train import TrainConfig, load_data
+from .train import Runtime, TrainConfig
 
 __all__ = ["SETTING", "Point", "POINTS", "NEW_VARIANT_LAMS", "point_config", "front_jobs", "default_out",
            "step_costs", "cost_share", "COST_RESOLUTION", "non_dominated", "front"]
@@ -182,10 +182,7 @@ def front(
     train: bool = True,
     jobs: int = 1,
     setting: str = SETTING,
-    data_dir: Optional[str] = None,
-    download: bool = False,
-    device: str = "auto",
-    progress: bool = True,
+    runtime: Runtime = Runtime(),
     **base: Any,
 ) -> Path:
     """Train (resuming), evaluate and tabulate the front; returns the path of ``front.md``.
@@ -199,6 +196,7 @@ def front(
         figure: a path to copy ``front.png`` to.
         train: False trains nothing: finished models are evaluated (when needed), the others listed as missing.
         jobs: models at once, each in its own process (1: one after the other in this process).
+        runtime: the data, device and progress output (:class:`~fastland.experiments.train.Runtime`).
         setting, base: the setting and further config fields (tests use ``synthetic-lenet`` and ``train_size``).
     """
     out = Path(out)
@@ -207,8 +205,8 @@ def front(
     by_point = front_jobs(out, chosen, epochs=epochs, seeds=seeds, eval_settings=s, setting=setting, **base)
     wanted = [j for js in by_point.values() for j in js if train or is_complete(j.run_dir)]
     if any(finished_result(j) is None for j in wanted):
-        load_data(wanted[0].config, "test", data_dir=data_dir, download=download)  # a missing data set: one error now
-    done = run_jobs(wanted, n_jobs=jobs, data_dir=data_dir, download=download, device=device, progress=progress)
+        runtime.data(wanted[0].config, "test")  # a missing data set: one error now
+    done = run_jobs(wanted, n_jobs=jobs, runtime=runtime)
     rows = _rows(chosen, by_point, done, step_costs(Path(costs)))
     _write_front(out, setting, rows, s, epochs, Path(costs), figure)
     return out / "front.md"

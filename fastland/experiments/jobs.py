@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .._io import atomic_write_text
 from .evaluate import EvalSettings, evaluate
 from .run_folder import EVAL, METRICS, is_complete, saved_config
-from .train import TrainConfig, load_data, train
+from .train import Runtime, TrainConfig
 
 __all__ = ["STEP_COST", "TRAIN_SIZES", "Job", "JobResult", "JobFailed", "estimated_cost", "schedule", "finished_result",
            "cached_eval", "evaluate_run", "run_job", "run_jobs"]
@@ -173,17 +173,15 @@ def finished_result(job: Job) -> Optional[JobResult]:
     return None if ev is None else JobResult(job.name, _train_time(job.run_dir), ev)
 
 
-def run_job(job: Job, *, data_dir: Optional[str] = None, download: bool = False, device: str = "auto",
-            progress: bool = True, on_phase: Optional[Callable[[str], None]] = None) -> JobResult:
+def run_job(job: Job, runtime: Runtime = Runtime(), on_phase: Optional[Callable[[str], None]] = None) -> JobResult:
     """Train the job's model (resuming; a finished run is loaded) and evaluate it (once).
 
     ``on_phase("evaluating")`` is called between the two."""
-    r = train(job.config, job.run_dir, data_dir=data_dir, download=download, resume=True, device=device,
-              progress=progress)
+    r = runtime.train(job.config, job.run_dir)
     if on_phase is not None:
         on_phase("evaluating")
-    test = load_data(job.config, "test", data_dir=data_dir, download=download)
-    ev = evaluate_run(r.model.eval(), job.run_dir, test, job.eval_settings, progress)
+    test = runtime.data(job.config, "test")
+    ev = evaluate_run(r.model.eval(), job.run_dir, test, job.eval_settings, runtime.progress)
     return JobResult(job.name, sum(m.get("time_s", 0.0) for m in r.metrics), ev)
 
 
@@ -191,7 +189,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
-def _worker(job: Job, options: Dict[str, Any], queue: Any) -> None:
+def _worker(job: Job, runtime: Runtime, queue: Any) -> None:
     """The body of a job's own process: one intra-op thread, output to the job's log, the result on ``queue``."""
     import torch
 
@@ -202,7 +200,7 @@ def _worker(job: Job, options: Dict[str, Any], queue: Any) -> None:
         os.dup2(log.fileno(), 2)
         print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} job {job.name}, pid {os.getpid()}", flush=True)
         try:
-            res = run_job(job, **options, on_phase=lambda phase: queue.put(("phase", job.name, phase)))
+            res = run_job(job, runtime, on_phase=lambda phase: queue.put(("phase", job.name, phase)))
         except BaseException as e:  # the parent reports it; the traceback stays in the log
             traceback.print_exc()
             sys.stdout.flush()
@@ -295,10 +293,7 @@ def run_jobs(
     jobs: Sequence[Job],
     *,
     n_jobs: int = 1,
-    data_dir: Optional[str] = None,
-    download: bool = False,
-    device: str = "auto",
-    progress: bool = True,
+    runtime: Runtime = Runtime(),
     stream: Optional[TextIO] = None,
 ) -> Dict[str, JobResult]:
     """Run every job; returns ``{job.name: JobResult}``.
@@ -307,8 +302,8 @@ def run_jobs(
         jobs: the models (distinct names and run folders).
         n_jobs: 1 runs them in this process, in the given order, and lets the first error propagate;
             more runs each in its own spawned process (see the module doc).
-        data_dir, download, device: as :func:`fastland.experiments.train.train`'s.
-        progress: progress output (bars in process; with ``n_jobs>1`` the jobs' lines).
+        runtime: the data, device and progress output (:class:`~fastland.experiments.train.Runtime`;
+            progress: bars in process, with ``n_jobs>1`` the jobs' lines).
         stream: where the jobs' lines go (``sys.stderr`` by default).
     Raises:
         JobFailed: with ``n_jobs>1``, after every job has ended, when any failed.
@@ -318,7 +313,6 @@ def run_jobs(
     names = [j.name for j in jobs]
     if len(set(names)) != len(names) or len({j.run_dir.resolve() for j in jobs}) != len(jobs):
         raise ValueError(f"jobs: expected distinct names and run folders, got {names}")
-    options = {"data_dir": data_dir, "download": download, "device": device, "progress": progress}
     done: Dict[str, JobResult] = {}
     todo: List[Job] = []
     for j in jobs:
@@ -329,17 +323,17 @@ def run_jobs(
             done[j.name] = res
     if n_jobs == 1:
         for i, j in enumerate(jobs):
-            if progress:
+            if runtime.progress:
                 print(f"[{i + 1}/{len(jobs)}] {j.title or j.name}", flush=True)
             if j.name not in done:
-                done[j.name] = run_job(j, **options)
+                done[j.name] = run_job(j, runtime)
         return done
-    done.update(_run_in_processes(schedule(todo), n_jobs, options,
-                                  stream=(sys.stderr if stream is None else stream) if progress else None))
+    done.update(_run_in_processes(schedule(todo), n_jobs, runtime,
+                                  stream=(sys.stderr if stream is None else stream) if runtime.progress else None))
     return {j.name: done[j.name] for j in jobs}
 
 
-def _run_in_processes(order: List[Job], n_jobs: int, options: Dict[str, Any],
+def _run_in_processes(order: List[Job], n_jobs: int, runtime: Runtime,
                       stream: Optional[TextIO]) -> Dict[str, JobResult]:
     """Run ``order`` (longest first), at most ``n_jobs`` spawned processes at once."""
     import multiprocessing as mp
@@ -352,7 +346,7 @@ def _run_in_processes(order: List[Job], n_jobs: int, options: Dict[str, Any],
     phases: Dict[str, str] = {}
     results: Dict[str, JobResult] = {}
     failed: Dict[str, str] = {}
-    child_options = {**options, "progress": True}  # the log gets the usual start/end lines
+    child_runtime = replace(runtime, progress=True)  # the log gets the usual start/end lines
 
     def finish(name: str) -> None:
         proc, job, t0 = running.pop(name)
@@ -368,7 +362,7 @@ def _run_in_processes(order: List[Job], n_jobs: int, options: Dict[str, Any],
         while pending and len(running) < n_jobs:
             job = pending.pop(0)
             job.run_dir.mkdir(parents=True, exist_ok=True)
-            proc = ctx.Process(target=_worker, args=(job, child_options, queue), name=f"fastland-{job.name}")
+            proc = ctx.Process(target=_worker, args=(job, child_runtime, queue), name=f"fastland-{job.name}")
             proc.start()
             running[job.name] = (proc, job, time.monotonic())
             phases[job.name] = "training"

@@ -33,7 +33,7 @@ from .evaluate import EvalSettings, default_eval_settings
 from .._io import atomic_write_text
 from ..choices import DEFENCES, PAPER_DEFENCES
 from .paper import CONFIGS, SWEEP_FACTORS, PaperRow, Setting, paper_settings
-from .train import TrainConfig, load_data
+from .train import Runtime, TrainConfig
 
 __all__ = ["PaperRow", "Setting", "CONFIGS", "RunSpec", "run_specs", "seed_specs", "SpecOptions", "default_out",
            "reproduce", "aggregate", "pm", "findings", "flag_lines", "eval_text", "write_csv", "landscape_figure"]
@@ -348,10 +348,7 @@ def reproduce(
     jobs: int = 1,
     figures: bool = True,
     figure_points: Optional[int] = None,
-    data_dir: Optional[str] = None,
-    download: bool = False,
-    device: str = "auto",
-    progress: bool = True,
+    runtime: Runtime = Runtime(),
     **options: Unpack[SpecOptions],
 ) -> Path:
     """Train, evaluate and report one setting of the paper; returns the path of ``results.md``.
@@ -368,6 +365,7 @@ def reproduce(
             that many at once, each in its own process (:func:`fastland.experiments.jobs.run_jobs`).
         figures: draw Figs. 1-5 (from the first seed's models); ``figure_points`` sets the
             landscape figures' grid points per axis (None: :func:`fastland.landscape`'s default).
+        runtime: the data, device and progress output (:class:`~fastland.experiments.train.Runtime`).
         options: which models (:func:`run_specs`' keywords: ``defences``, ``train_size``,
             ``batch_size``, ``seed``, ``sweep``, ``variant``, ``attack_lam``).
 
@@ -383,16 +381,16 @@ def reproduce(
     runs = {spec.name: seed_specs(spec, seeds) for spec in specs}
     st = CONFIGS[setting]
     s = eval_settings or default_eval_settings(st.dataset)
-    test = load_data(specs[0].config, "test", data_dir=data_dir, download=download)
+    test = runtime.data(specs[0].config, "test")
     title = lambda r: f"{setting}: {r.label}" + (f" (seed {r.config.seed})" if seeds > 1 else "")  # noqa: E731
     done = run_jobs([Job(r.name, r.config, out / r.name, s, title(r)) for group in runs.values() for r in group],
-                    n_jobs=jobs, data_dir=data_dir, download=download, device=device, progress=progress)
+                    n_jobs=jobs, runtime=runtime)
     results = {name: aggregate([done[r.name].eval for r in group], [r.config.seed for r in group])
                for name, group in runs.items()}
     train_times = {name: _mean([done[r.name].train_time_s for r in group]) for name, group in runs.items()}
     fig_paths: List[str] = []
     if figures:
-        dev = resolve_device(device)
+        dev = resolve_device(runtime.device)
         models = {spec.name: load_trained(out / spec.name, device=dev)[0] for spec in specs}
         fig_paths = _draw_figures(out, specs, models, results, test, figure_points)
     return _write_tables(out, setting, specs, results, train_times, s, fig_paths)

@@ -46,6 +46,7 @@ from .run_folder import (CHECKPOINT, CONFIG, FINAL, METRICS, RunFileError, check
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "Runtime",
     "fit",
     "train",
     "build_model",
@@ -370,6 +371,36 @@ def train(
     test_xy = load_data(c, "test", data_dir=data_dir, download=download) if eval_test else None
     return fit(model, train_xy, c, out_dir, test_data=test_xy, resume=resume, stop_after=stop_after,
                device=device, progress=progress, overwrite=overwrite)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the data are and how a run of models runs, the same for every model of a demo,
+    reproduction or front (``fastland.experiments.run_demo``, ``reproduce``, ``front``).
+
+    Attributes:
+        data_dir: the data sets' root (None: the data set's default places).
+        download: fetch a missing data set where the data set allows it.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        progress: progress bars and lines (False: quiet).
+
+    Example:
+        >>> reproduce("fmnist-lenet", "runs/r", epochs=20, runtime=Runtime(device="cpu", progress=False))
+    """
+
+    data_dir: Optional[str] = None
+    download: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def data(self, c: TrainConfig, split: str) -> Tuple[Tensor, Tensor]:
+        """:func:`load_data` of ``c`` and ``split`` from this runtime's data."""
+        return load_data(c, split, data_dir=self.data_dir, download=self.download)
+
+    def train(self, c: TrainConfig, run_dir: os.PathLike | str) -> TrainResult:
+        """:func:`train` of ``c`` into ``run_dir``, resuming (a finished run is loaded)."""
+        return train(c, run_dir, data_dir=self.data_dir, download=self.download, resume=True,
+                     device=self.device, progress=self.progress)
 
 
 def load_trained(run_dir: os.PathLike | str, device: str | torch.device = "cpu") -> Tuple[nn.Module, TrainConfig]:
