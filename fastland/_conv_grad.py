@@ -20,6 +20,8 @@ from typing import Any, Iterator, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._ext import extension_available
+
 __all__ = ["FLIP_MAX_OUT_CHANNELS", "ConvSpec", "make_spec", "route", "conv_fn", "input_grad", "weight_grad",
            "mark_grad_on_request", "is_grad_on_request", "grad_requested"]
 
@@ -98,8 +100,25 @@ def route(weight: Tensor, spec: ConvSpec) -> str:
     return "flip" if flip_ok else "native"
 
 
+def _one_channel_ok(g: Tensor, w: Tensor, spec: ConvSpec) -> bool:
+    """Whether the C++ kernel for one input channel serves ``Aᵀ g``: a 2-D, stride-1, undilated,
+    one-group convolution of a single input channel, float32/float64 CPU tensors, the extension loaded."""
+    return (spec.ndim == 2 and w.shape[1] == 1 and spec.groups == 1
+            and all(s == 1 for s in spec.stride) and all(d == 1 for d in spec.dilation)
+            and g.device.type == "cpu" and w.device.type == "cpu" and g.dtype == w.dtype
+            and g.dtype in (torch.float32, torch.float64) and extension_available())
+
+
 def _input_grad_kernel(g: Tensor, w: Tensor, input_shape: Sequence[int], spec: ConvSpec) -> Tensor:
-    """``Aᵀ g``: ``g`` ``[B, O, *H']``, ``w`` ``[O, C/groups, *k]`` → ``[B, C, *H]`` (no autograd)."""
+    """``Aᵀ g``: ``g`` ``[B, O, *H']``, ``w`` ``[O, C/groups, *k]`` → ``[B, C, *H]`` (no autograd).
+
+    One input channel (LeNet-5's first layer) on the CPU: the C++ kernel (1.0 ms against the
+    flip's 1.7 for LeNet-5 at batch 128, one thread; see benchmarks/notes/penalties.md)."""
+    if _one_channel_ok(g, w, spec):
+        from . import _C
+
+        return _C.conv_input_grad_1ch(g, w, int(input_shape[2]), int(input_shape[3]), spec.padding[0],
+                                      spec.padding[1])
     if route(w, spec) == "flip":
         n = spec.ndim
         wt = w.transpose(0, 1).flip(list(range(2, 2 + n)))

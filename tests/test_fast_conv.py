@@ -369,3 +369,32 @@ def test_mark_grad_on_request_refuses_non_leaves():
         mark_grad_on_request(torch.zeros(2))
     with pytest.raises(ValueError, match="is_leaf=False"):
         mark_grad_on_request(torch.zeros(2, requires_grad=True) * 2)
+
+
+@pytest.mark.skipif(not __import__("fastland._ext", fromlist=["x"]).extension_available(),
+                    reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("o,k,pad,hw,b", [
+    (6, (5, 5), (2, 2), (28, 28), 5),    # LeNet-5's first layer
+    (1, (3, 3), (0, 0), (7, 9), 1),      # one output channel, no padding
+    (33, (3, 2), (1, 0), (11, 6), 2),    # non-square kernel, wide layer
+    (4, (3, 3), (4, 3), (5, 8), 3),      # padding beyond the kernel: outputs larger than the input
+    (5, (1, 7), (0, 3), (9, 40), 2),     # rows longer than one register chunk
+])
+def test_one_channel_kernel_matches_torch(dtype, o, k, pad, hw, b):
+    """The C++ input gradient of a one-input-channel convolution equals aten's on fresh random
+    inputs of odd shapes (float64 to 1e-12, float32 to 1e-5 relative to the largest entry)."""
+    from fastland import _C
+
+    gen = torch.Generator().manual_seed(sum(hw) + o)
+    ho, wo = hw[0] + 2 * pad[0] - k[0] + 1, hw[1] + 2 * pad[1] - k[1] + 1
+    g = torch.randn(b, o, ho, wo, generator=gen, dtype=dtype)
+    w = torch.randn(o, 1, *k, generator=gen, dtype=dtype)
+    want = torch.ops.aten.convolution_backward(
+        g, torch.empty(b, 1, *hw, dtype=dtype), w, None, [1, 1], list(pad), [1, 1], False, [0, 0], 1,
+        [True, False, False])[0]
+    got = _C.conv_input_grad_1ch(g, w, hw[0], hw[1], pad[0], pad[1])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    with pytest.raises(RuntimeError, match="conv_input_grad_1ch"):
+        _C.conv_input_grad_1ch(g, w, hw[0] + 1, hw[1], pad[0], pad[1])
