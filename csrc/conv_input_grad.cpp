@@ -1,11 +1,11 @@
 // The input gradient of a 2-D convolution with one input channel (LeNet-5's first layer), on CPU.
 //
 // For such a layer PyTorch's CPU backends compute A^T g as a general convolution (oneDNN) or a
-// flipped convolution (NNPACK), both several times the cost of the forward. Here, per image, each
-// output row accumulates `w[o, a, c] * g[o, i + ph - a, (j + pw - c)]` over the taps as contiguous
-// row updates that the compiler vectorises, compiled per instruction set. Stride 1, dilation 1,
-// one group. OpenMP (at::parallel_for) over images. The sum runs over taps in (o, a, c) order,
-// so it differs from PyTorch's by rounding only.
+// flipped convolution (NNPACK), both well above the forward's cost. Here, per image, g is copied once
+// into a zero-padded plane, and each 16-column chunk of an output row accumulates
+// `w[o, a, c] * g[o, i + ph - a, j + pw - c]` over all taps in registers, compiled per instruction
+// set. Stride 1, dilation 1, one group. OpenMP (at::parallel_for) over images. The sum runs over
+// taps in (o, a, c) order, so it differs from PyTorch's by rounding only.
 #include "cpu/conv_input_grad.h"
 
 #include <algorithm>
@@ -13,13 +13,9 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu/target_clones.h"
 #include "cpu/tensor_args.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTLAND_CONV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTLAND_CONV_CLONES
-#endif
 
 namespace fastland {
 namespace cpu {
@@ -32,7 +28,7 @@ constexpr int64_t kChunk = 16;  // output columns accumulated in registers at on
 // 16), so every tap reads a whole chunk of kChunk columns without bounds; each chunk of an output row
 // accumulates in registers over all taps.
 template <typename T>
-FASTLAND_CONV_CLONES void image(const T* g, const T* w, T* out, T* pad, int64_t O, int64_t Ho, int64_t Wo,
+FASTLAND_TARGET_CLONES void image(const T* g, const T* w, T* out, T* pad, int64_t O, int64_t Ho, int64_t Wo,
                                 int64_t kh, int64_t kw, int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t Wp) {
   const int64_t Hp = Ho + 2 * (kh - 1);
   std::fill(pad, pad + O * Hp * Wp, T(0));
@@ -68,8 +64,9 @@ at::Tensor conv_input_grad_1ch(const at::Tensor& g, const at::Tensor& w, int64_t
   TORCH_CHECK(g.dim() == 4 && w.dim() == 4 && w.size(1) == 1 && g.size(1) == w.size(0),
               "conv_input_grad_1ch: expected g [B, O, Ho, Wo] and w [O, 1, kh, kw], got ", g.sizes(), " and ",
               w.sizes());
-  TORCH_CHECK(g.device().is_cpu() && w.device().is_cpu() && g.scalar_type() == w.scalar_type(),
-              "conv_input_grad_1ch: expected CPU tensors of one dtype");
+  check_input(g, "g");
+  check_input(w, "w");
+  check_same_dtype(w, g, "w", "g");
   const int64_t B = g.size(0), O = g.size(1), Ho = g.size(2), Wo = g.size(3), kh = w.size(2), kw = w.size(3);
   TORCH_CHECK(ph >= 0 && pw >= 0 && Ho == H + 2 * ph - kh + 1 && Wo == W + 2 * pw - kw + 1,
               "conv_input_grad_1ch: g's spatial size does not match H, W, the kernel and the padding");

@@ -13,13 +13,9 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu/target_clones.h"
 #include "cpu/tensor_args.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTLAND_POOL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTLAND_POOL_CLONES
-#endif
 
 namespace fastland {
 namespace cpu {
@@ -27,7 +23,7 @@ namespace {
 
 // One plane, 2 x 2 windows: z [H, W] -> out, idx [ho, wo].
 template <typename T>
-FASTLAND_POOL_CLONES void plane_2x2(const T* z, T* out, int64_t* idx, int64_t ho, int64_t wo, int64_t W) {
+FASTLAND_TARGET_CLONES void plane_2x2(const T* z, T* out, int64_t* idx, int64_t ho, int64_t wo, int64_t W) {
   for (int64_t oh = 0; oh < ho; ++oh) {
     const T* r0 = z + 2 * oh * W;
     const T* r1 = r0 + W;

@@ -13,11 +13,12 @@ that one call, either as ``"flip"``, a stride-1 convolution of ``g`` with the
 flipped, transposed kernel and padding ``d·(k−1) − p`` (few output channels),
 or as ``"native"``, PyTorch's own ``convolution_backward`` (any stride,
 dilation, groups). Both are exact. A 2-D, stride-1 convolution with one input
-channel (LeNet-5's first layer) on float32/float64 CPU tensors takes a third
-route when the C++ extension is loaded: a kernel of its own (csrc/conv_input_grad.cpp,
-1.0 ms against the flip's 1.7 at LeNet-5's shape; equal up to rounding). Three ``autograd.Function`` s close over
-each other (the backward of each is built from the three), so the backward is
-differentiable to any order: double-backward penalties work through it.
+channel (LeNet-5's first layer) on float32/float64 CPU tensors has a kernel of
+its own when the C++ extension is loaded (csrc/conv_input_grad.cpp: 1.0 ms
+against the flip's 1.7 at LeNet-5's shape; equal up to rounding). Three
+``autograd.Function`` s close over each other (the backward of each is built
+from the three), so the backward is differentiable to any order:
+double-backward penalties work through it.
 
 The path is taken per call only where it was measured to pay: CPU,
 float32/float64, grad mode on, an input requiring grad, ``in_channels <=

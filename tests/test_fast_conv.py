@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastland import fast_conv, models
+from fastland import _ext, fast_conv, models
 from fastland.fast_conv import conv_fn, make_spec, route
 
 TOL = dict(rtol=0, atol=1e-12)
@@ -371,8 +371,7 @@ def test_mark_grad_on_request_refuses_non_leaves():
         mark_grad_on_request(torch.zeros(2, requires_grad=True) * 2)
 
 
-@pytest.mark.skipif(not __import__("fastland._ext", fromlist=["x"]).extension_available(),
-                    reason="needs the C++ extension")
+@pytest.mark.skipif(not _ext.extension_available(), reason="the C++ extension is not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("o,k,pad,hw,b", [
     (6, (5, 5), (2, 2), (28, 28), 5),    # LeNet-5's first layer
