@@ -10,6 +10,8 @@ Groups (``off`` is each group's baseline; LeNet-5 and DDNet, Fashion-MNIST shape
   library did before), ``on`` is the library's default (:func:`fastland.fast_conv.conv_input_grad`);
 * ``conv-penalty-lenet``: a plain CE step (baseline) vs CE + AMSReg with
   ``n_proj`` 1 and 8 and ``estimator="exact"``, path on;
+* ``conv-first-layer-input-grad``: LeNet-5's first layer alone, its input gradient by the
+  flip route (baseline) and by the C++ one-input-channel kernel, and its forward;
 * ``conv-pgd-torchattacks-lenet``: torchattacks' PGD on the plain model (baseline) and
   with the path, vs fastland's PGD with the path.
 
@@ -168,3 +170,29 @@ def test_pgd_vs_torchattacks(benchmark, data, impl):
         benchmark.extra_info["baseline"] = True
     out = benchmark(attack)
     assert float((out - data[0]).abs().max()) <= EPS + 1e-6
+
+
+FIRST_LAYER = ("flip", "one-channel", "forward")
+
+
+@pytest.mark.parametrize("kernel", FIRST_LAYER)
+def test_first_layer_input_grad(benchmark, monkeypatch, kernel):
+    """LeNet-5's first layer alone (1 → 6 channels, 5×5, padding 2, batch 128): its input
+    gradient by the flip route (baseline), by the C++ one-input-channel kernel, and the
+    layer's forward convolution of the same size for scale."""
+    from fastland import _conv_grad
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 1, 5, 5, generator=gen)
+    g = torch.randn(BATCH, 6, 28, 28, generator=gen)
+    x = torch.rand(BATCH, 1, 28, 28, generator=gen)
+    spec = _conv_grad.make_spec(2, 1, 2)
+    if kernel == "flip":
+        monkeypatch.setattr(_conv_grad, "_one_channel_ok", lambda *args: False)
+        benchmark.extra_info["baseline"] = True
+    elif kernel == "one-channel" and not _conv_grad._one_channel_ok(g, w, spec):
+        pytest.skip("the C++ extension is not built")
+    run = (lambda: torch.conv2d(x, w, None, 1, 2)) if kernel == "forward" else (  # noqa: E731
+        lambda: _conv_grad._input_grad_kernel(g, w, x.shape, spec))
+    benchmark.group = "conv-first-layer-input-grad"
+    assert benchmark(run).shape[0] == BATCH
