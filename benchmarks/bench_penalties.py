@@ -199,7 +199,9 @@ def interleaved(rounds: int = 15, only: str = "") -> None:
     """Load-robust ratios on a shared machine: every case once per round, in turn,
     so that a burst of load from other processes hits all cases alike; process
     CPU time (one thread); prints each case's median and min over the rounds
-    and its ratio to the group's baseline.
+    and its ratio to the group's baseline, and the paired ratio: the median (and
+    quartiles) over rounds of the case's time ÷ the baseline's time in the same
+    round, which a slow drift of the machine's speed moves least.
     Run: ``.venv/bin/python benchmarks/bench_penalties.py [ROUNDS [GROUP]]`` (GROUP a word
     of the groups' titles, e.g. ``drop-ins``: that group alone)."""
     import time
@@ -230,8 +232,11 @@ def interleaved(rounds: int = 15, only: str = "") -> None:
         low = {k: min(v) for k, v in times.items()}
         print(f"\n{title}: {rounds} interleaved rounds, {THREADS} thread, CPU time")
         for k in cases:
+            paired = sorted(t / b for t, b in zip(times[k], times[base]))
+            q1, q2, q3 = (paired[(len(paired) - 1) * i // 4] for i in (1, 2, 3))
             print(f"  {k:48s} median {med[k] * 1e3:7.1f} ms ({med[k] / med[base]:.2f}x)"
-                  f"   min {low[k] * 1e3:7.1f} ms ({low[k] / low[base]:.2f}x)")
+                  f"   min {low[k] * 1e3:7.1f} ms ({low[k] / low[base]:.2f}x)"
+                  f"   paired {q2:.2f}x [{q1:.2f}, {q3:.2f}]")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ Conventions of the benchmark files (``benchmarks/bench_<topic>.py``):
 
 * every comparison is a pytest-benchmark *group* named ``<topic>-<case>``;
 * exactly one benchmark per group sets ``benchmark.extra_info["baseline"] = True``;
-  every row's ratio is its mean time divided by the baseline's (< 1 is faster);
+  every row's ratio is its mean time divided by the baseline's (< 1 is faster), and
+  its least time divided by the baseline's least (the ratio that load from other
+  processes, which only ever adds time, moves least);
 * ``benchmark.extra_info["metric"]`` is an optional short string (GB/s, points/s);
 * prose for a topic (expectations before, results after, reasoning, GPU figures
   computed on paper) lives in ``benchmarks/notes/<topic>.md`` and is included
@@ -48,21 +50,24 @@ def _group_rows(benchmarks: List[dict]) -> Dict[str, List[dict]]:
 def _table(rows: List[dict]) -> List[str]:
     base = [r for r in rows if r.get("extra_info", {}).get("baseline")]
     base_mean = base[0]["stats"]["mean"] if base else None
+    base_min = base[0]["stats"]["min"] if base else None
     # an optional column: extra_info["calls"], a short string of the model calls a row made
     calls = any("calls" in r.get("extra_info", {}) for r in rows)
     out = [
-        "| benchmark | mean | ± std | rounds | time ÷ baseline | speed-up | metric |" + (" calls |" if calls else ""),
-        "|---|---:|---:|---:|---:|---:|---|" + ("---|" if calls else ""),
+        "| benchmark | mean | ± std | rounds | time ÷ baseline | min ÷ baseline min | speed-up | metric |"
+        + (" calls |" if calls else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---|" + ("---|" if calls else ""),
     ]
     for r in sorted(rows, key=lambda r: r["stats"]["mean"]):
         s = r["stats"]
         info = r.get("extra_info", {})
         name = r["name"] + (" **(baseline)**" if info.get("baseline") else "")
         ratio = f"{s['mean'] / base_mean:.2f}" if base_mean else "–"
+        low = f"{s['min'] / base_min:.2f}" if base_min else "–"
         speed = f"{base_mean / s['mean']:.2f}×" if base_mean else "–"
         out.append(
             f"| {name} | {_fmt_time(s['mean'])} | {_fmt_time(s['stddev'])} | {s['rounds']} | "
-            f"{ratio} | {speed} | {info.get('metric', '')} |" + (f" {info.get('calls', '')} |" if calls else "")
+            f"{ratio} | {low} | {speed} | {info.get('metric', '')} |" + (f" {info.get('calls', '')} |" if calls else "")
         )
     return out
 
@@ -88,7 +93,9 @@ def render(data: dict) -> str:
         f"- commit: {ci.get('id', '?')[:12]}{' (dirty)' if ci.get('dirty') else ''}",
         "",
         "Ratios are within one run (the measuring machine is shared and noisy); `time ÷ baseline` "
-        "below 1 means faster than the group's baseline. GPU figures in the notes are "
+        "(means) below 1 means faster than the group's baseline; `min ÷ baseline min` is the ratio "
+        "of least times, which load from other processes (it only adds time) moves least. "
+        "GPU figures in the notes are "
         "computed on paper, never measured here (no GPU).",
         "",
     ]
