@@ -14,7 +14,8 @@ Groups:
   the Hoffman et al. peer (``benchmarks/peers/hoffman_jacobian.py``) in its users' form.
 
 Run (process CPU time, one intra-op thread: on a shared CPU with few cores wall
-time swings 2-3x with other processes' load, CPU time by a few percent)::
+time swings 2-3x with other processes' load, CPU time by a few percent; glibc's heap held
+steady, ``benchmarks/heap.py``, unless ``FASTLAND_BENCH_HEAP=default``)::
 
     .venv/bin/python -m pytest benchmarks/bench_penalties.py --benchmark-only -q \
         --benchmark-timer=time.process_time --benchmark-json=/tmp/bench_penalties.json
@@ -34,8 +35,10 @@ from fastland import models
 from fastland.penalties import amsreg_loss, jacobian_loss, penalty_input
 
 try:
+    from heap import steady
     from peers.hoffman_jacobian import JacobianReg as HoffmanJacobianReg
 except ImportError:  # run from the repository root: benchmarks/ is not on the path
+    from benchmarks.heap import steady
     from benchmarks.peers.hoffman_jacobian import JacobianReg as HoffmanJacobianReg
 
 BATCH, LAM = 128, 0.5
@@ -47,7 +50,19 @@ THREADS = 1  # one intra-op thread: on a shared CPU with few cores, 2 OpenMP thr
 
 
 @pytest.fixture(scope="module")
-def setup() -> Iterator[tuple]:
+def heap() -> str:
+    """glibc's heap held steady for the rest of the process (benchmarks/heap.py): no step pays
+    the page faults of regrowing a trimmed heap. Returns the label recorded per benchmark."""
+    return steady()
+
+
+@pytest.fixture(autouse=True)
+def _record_heap(benchmark, heap: str) -> None:
+    benchmark.extra_info["heap"] = heap
+
+
+@pytest.fixture(scope="module")
+def setup(heap: str) -> Iterator[tuple]:
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -206,6 +221,7 @@ def interleaved(rounds: int = 15, only: str = "") -> None:
     of the groups' titles, e.g. ``drop-ins``: that group alone)."""
     import time
 
+    print(f"heap: {steady()}")
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     model = models.create("lenet", "fmnist").train()

@@ -13,6 +13,8 @@ copies, :func:`fastland.penalty_input`) and no :func:`grad_requested` block asks
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Set, Tuple, Union
@@ -57,7 +59,18 @@ def _tuple(name: str, value: Union[int, Sequence[int]], n: int) -> Tuple[int, ..
 
 def make_spec(n: int, stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
               dilation: Union[int, Sequence[int]] = 1, groups: int = 1) -> ConvSpec:
-    """A validated :class:`ConvSpec` for ``n`` spatial dims (``padding`` explicit ints)."""
+    """A validated :class:`ConvSpec` for ``n`` spatial dims (``padding`` explicit ints); built once per
+    distinct geometry (a layer's calls reuse it)."""
+    args = tuple(a if isinstance(a, (int, tuple)) else tuple(a) for a in (stride, padding, dilation))
+    try:
+        return _spec(n, *args, groups)
+    except TypeError:  # unhashable (e.g. a tensor among the values): validated uncached
+        return _spec.__wrapped__(n, *args, groups)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(n: int, stride: Union[int, Tuple[int, ...]], padding: Union[int, Tuple[int, ...]],
+          dilation: Union[int, Tuple[int, ...]], groups: int) -> ConvSpec:
     spec = ConvSpec(_tuple("stride", stride, n), _tuple("padding", padding, n),
                     _tuple("dilation", dilation, n), groups)
     for name, values, low in (("stride", spec.stride, 1), ("padding", spec.padding, 0),
@@ -100,21 +113,41 @@ def route(weight: Tensor, spec: ConvSpec) -> str:
     return "flip" if flip_ok else "native"
 
 
-def _one_channel_ok(g: Tensor, w: Tensor, spec: ConvSpec) -> bool:
-    """Whether the C++ kernel for one input channel serves ``Aᵀ g``: a 2-D, stride-1, undilated,
-    one-group convolution of a single input channel, float32/float64 CPU tensors, the extension loaded."""
-    return (spec.ndim == 2 and w.shape[1] == 1 and spec.groups == 1
-            and all(s == 1 for s in spec.stride) and all(d == 1 for d in spec.dilation)
-            and g.device.type == "cpu" and w.device.type == "cpu" and g.dtype == w.dtype
-            and g.dtype in (torch.float32, torch.float64) and extension_available())
+# The C++ weight gradient for one input channel is taken up to this many output channels (LeNet-5's 6:
+# 0.66 ms against oneDNN's 0.93; DDNet's 32: 1.9 against 1.4, one thread, batch 128; benchmarks/notes/conv.md).
+ONE_CHANNEL_WEIGHT_GRAD_MAX_OUT = 16
+
+
+@functools.lru_cache(maxsize=256)
+def _unit_geometry(spec: ConvSpec) -> bool:
+    """2-D, stride 1, dilation 1, one group: the geometry the one-channel kernels compute."""
+    return (spec.ndim == 2 and spec.groups == 1 and all(s == 1 for s in spec.stride)
+            and all(d == 1 for d in spec.dilation))
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def one_channel_kernels(w: Tensor, spec: ConvSpec, *tensors: Optional[Tensor]) -> bool:
+    """Whether the C++ kernels for one input channel serve a convolution of weight ``w``
+    ``[O, 1, kh, kw]`` and ``spec`` on ``tensors`` (the other operands; None skipped): a 2-D,
+    stride-1, undilated, one-group convolution of a single input channel, float32/float64 CPU
+    tensors of one dtype, none under a ``torch.func`` transform or vmap, the extension loaded."""
+    if not (w.dim() == 4 and w.shape[1] == 1 and w.device.type == "cpu" and w.dtype in _KERNEL_DTYPES
+            and _unit_geometry(spec)):
+        return False
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or t.dtype != w.dtype or _batched(t)):
+            return False
+    return extension_available() and not _batched(w)  # no kernel of ours reads a functorch wrapper
 
 
 def _input_grad_kernel(g: Tensor, w: Tensor, input_shape: Sequence[int], spec: ConvSpec) -> Tensor:
     """``Aᵀ g``: ``g`` ``[B, O, *H']``, ``w`` ``[O, C/groups, *k]`` → ``[B, C, *H]`` (no autograd).
 
-    One input channel (LeNet-5's first layer) on the CPU: the C++ kernel (1.0 ms against the
+    One input channel (LeNet-5's first layer) on the CPU: the C++ kernel (0.5 ms against the
     flip's 1.7 for LeNet-5 at batch 128, one thread; see benchmarks/notes/penalties.md)."""
-    if _one_channel_ok(g, w, spec):
+    if one_channel_kernels(w, spec, g):
         from . import _C
 
         return _C.conv_input_grad_1ch(g, w, int(input_shape[2]), int(input_shape[3]), spec.padding[0],
@@ -131,15 +164,39 @@ def _input_grad_kernel(g: Tensor, w: Tensor, input_shape: Sequence[int], spec: C
 
 
 def _weight_grad_kernel(x: Tensor, g: Tensor, weight_shape: Sequence[int], spec: ConvSpec) -> Tensor:
-    """``∂⟨conv(x, w), g⟩/∂w``: ``x`` ``[B, C, *H]``, ``g`` ``[B, O, *H']`` → ``[O, C/groups, *k]``."""
+    """``∂⟨conv(x, w), g⟩/∂w``: ``x`` ``[B, C, *H]``, ``g`` ``[B, O, *H']`` → ``[O, C/groups, *k]``.
+
+    One input channel and at most :data:`ONE_CHANNEL_WEIGHT_GRAD_MAX_OUT` output channels on the
+    CPU: the C++ kernel; elsewhere aten's."""
+    return _weight_and_bias_grad(x, g, weight_shape, spec, False)[0]
+
+
+def _weight_and_bias_grad(x: Tensor, g: Tensor, weight_shape: Sequence[int], spec: ConvSpec,
+                          bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(∂/∂w, ∂/∂b)`` of ``⟨conv(x, w, b), g⟩`` (the second None unless ``bias``), in one pass
+    over ``g`` where the C++ kernel serves (see :func:`_weight_grad_kernel`)."""
     w_like = g.new_empty(1).expand(tuple(weight_shape))
-    return torch.ops.aten.convolution_backward(
-        g, x, w_like, None, list(spec.stride), list(spec.padding), list(spec.dilation),
-        False, [0] * spec.ndim, spec.groups, [False, True, False])[1]
+    if (weight_shape[0] <= ONE_CHANNEL_WEIGHT_GRAD_MAX_OUT and x.dim() == 4
+            and one_channel_kernels(w_like, spec, x, g)):
+        from . import _C
+
+        dw, db = _C.conv_weight_grad_1ch(x, g, int(weight_shape[2]), int(weight_shape[3]), spec.padding[0],
+                                         spec.padding[1], bias)
+        return dw, db
+    grads = torch.ops.aten.convolution_backward(
+        g, x, w_like, [int(weight_shape[0])] if bias else None, list(spec.stride), list(spec.padding),
+        list(spec.dilation), False, [0] * spec.ndim, spec.groups, [False, True, bias])
+    return grads[1], grads[2] if bias else None
 
 
 def _conv_kernel(x: Tensor, w: Tensor, b: Optional[Tensor], spec: ConvSpec) -> Tensor:
-    """The ordinary convolution ``[B, C, *H]`` → ``[B, O, *H']``."""
+    """The ordinary convolution ``[B, C, *H]`` → ``[B, O, *H']``: the C++ kernel for one input
+    channel on the CPU (0.42 ms against oneDNN's 1.03 for LeNet-5 at batch 128, one thread), aten's
+    elsewhere."""
+    if x.dim() == 4 and one_channel_kernels(w, spec, x, b):
+        from . import _C
+
+        return _C.conv_forward_1ch(x, w, b, spec.padding[0], spec.padding[1])
     n = spec.ndim
     return torch.ops.aten.convolution(x, w, b, list(spec.stride), list(spec.padding),
                                       list(spec.dilation), False, [0] * n, spec.groups)
@@ -306,8 +363,12 @@ class _Conv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         native = _batched(g, x)
         gx = _input_grad_d(g, w, x.shape, ctx.spec, native) if _engine_needs(ctx, 0) else None
-        gw = _weight_grad_d(x, g, w.shape, ctx.spec, native) if _engine_needs(ctx, 1) else None
-        gb = g.sum(dim=[0, *range(2, g.dim())]) if ctx.has_bias and _engine_needs(ctx, 2) else None
+        need_w, need_b = _engine_needs(ctx, 1), ctx.has_bias and _engine_needs(ctx, 2)
+        if need_w and need_b and not (native or torch.is_grad_enabled()):  # one pass over g for both
+            gw, gb = _weight_and_bias_grad(x, g, w.shape, ctx.spec, True)
+        else:
+            gw = _weight_grad_d(x, g, w.shape, ctx.spec, native) if need_w else None
+            gb = g.sum(dim=[0, *range(2, g.dim())]) if need_b else None
         return gx, gw, gb, None
 
 
@@ -372,3 +433,10 @@ def input_grad(g: Tensor, w: Tensor, input_shape: Sequence[int], spec: ConvSpec)
 def weight_grad(x: Tensor, g: Tensor, weight_shape: Sequence[int], spec: ConvSpec) -> Tensor:
     """Differentiable weight gradient: ``x`` ``[B, C, *H]``, ``g`` ``[B, O, *H']`` → ``weight_shape``."""
     return _WeightGrad.apply(x, g, tuple(weight_shape), spec)
+
+
+# Function.apply binds its arguments to ``forward``'s signature on every call of a Function with
+# ``setup_context``; the signature, computed once here, saves rebuilding it per call.
+for _fn in (_Conv, _InputGrad, _WeightGrad):
+    _fn.forward.__signature__ = inspect.signature(_fn.forward)  # type: ignore[attr-defined]
+del _fn

@@ -11,7 +11,7 @@ import contextlib
 import math
 import sys
 import warnings
-from typing import Iterator, List, Optional, Set, Tuple
+from typing import Any, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,10 +47,17 @@ def require(cond: Tensor, message: str) -> None:
 def all_finite(t: Tensor) -> Tensor:
     """Whether ``t`` (any shape) holds no NaN/inf, as a one-element bool tensor.
 
-    One reduction: the float64 sum of a float32/half tensor is finite exactly when every
-    element is (a NaN or an inf propagates, and float32 values cannot overflow a float64
-    sum); float64 tensors, whose sum could overflow, take ``isfinite(t).all()``."""
-    if t.dtype == torch.float64 or not t.is_floating_point():
+    A sum is finite when every element is (a NaN or an inf propagates), and only an overflow
+    of finite values makes it infinite. On the CPU: one sum in ``t``'s own precision (float32
+    for half types), and ``isfinite(t).all()`` only when that sum is not finite (a bad value
+    or an overflow). Elsewhere, with no host synchronisation: the float64 sum of a
+    float32/half tensor (which cannot overflow), ``isfinite(t).all()`` for float64."""
+    if not t.is_floating_point():
+        return torch.isfinite(t).all()
+    if t.device.type == "cpu":
+        s = torch.isfinite(t.detach().sum(dtype=torch.float32 if t.dtype in _HALF else None))
+        return s if bool(s) else torch.isfinite(t).all()
+    if t.dtype == torch.float64:
         return torch.isfinite(t).all()
     return torch.isfinite(t.detach().sum(dtype=torch.float64))
 
@@ -120,13 +127,71 @@ def no_dependency_error() -> ValueError:
     )
 
 
+# Double-backward nodes (made by a VJP with create_graph=True) whose second input is a forward
+# activation they saved and whose derivative with respect to it is zero everywhere: the masks of
+# ReLU-type layers and the routing of max-pooling are piecewise constant, average pooling's backward
+# does not read its input at all. PyTorch still fills that zero (zeros_like) and adds it into the
+# gradient of the forward graph, one pass over the activation each; the penalties drop it.
+ZERO_SECOND_DERIVATIVE = frozenset({
+    "ThresholdBackwardBackward0",  # ReLU, Threshold
+    "HardtanhBackwardBackward0",  # ReLU6, Hardtanh
+    "LeakyReluBackwardBackward0",  # LeakyReLU
+    "MaxPool2DWithIndicesBackwardBackward0",  # MaxPool2d
+    "MaxPool3DWithIndicesBackwardBackward0",  # MaxPool3d
+    "AdaptiveMaxPool2DBackwardBackward0",  # AdaptiveMaxPool2d
+    "AvgPool2DBackwardBackward0",  # AvgPool2d
+    "AvgPool3DBackwardBackward0",  # AvgPool3d
+})
+
+
+def _drop_zero_input(grad_inputs: Tuple[Optional[Tensor], ...],
+                     grad_outputs: Tuple[Optional[Tensor], ...]) -> Optional[Tuple[Optional[Tensor], ...]]:
+    """Post-hook of a :data:`ZERO_SECOND_DERIVATIVE` node: its zero second gradient becomes None
+    (undefined), which the engine skips instead of adding."""
+    if len(grad_inputs) != 2:
+        return None
+    return grad_inputs[0], None
+
+
+def drop_zero_gradients(g: Tensor, logits: Tensor) -> None:
+    """Hook the :data:`ZERO_SECOND_DERIVATIVE` nodes of the VJP graph of ``g`` so that a later
+    backward skips their zero gradients for the forward graph.
+
+    Only nodes made after ``logits`` are visited and hooked: the VJP's own (the caller's forward
+    graph is numbered before its output ``logits`` on the same thread), and the walk stops at the
+    forward graph. The parameter gradients are unchanged: each skipped term is an exact zero, and
+    every forward node it targets lies on the path from ``logits`` to ``x``, which the penalty's
+    cotangent (a function of ``logits``) reaches as well, so no gradient becomes None that was zero.
+
+    Args:
+        g: ``[B, *S]``, the input gradient computed with ``create_graph=True``.
+        logits: ``[B, C]``, the tensor the VJP started from (its cotangent requires grad through it).
+    """
+    root = logits.grad_fn
+    if root is None or g.grad_fn is None:
+        return
+    floor = root._sequence_nr()
+    stack = [g.grad_fn]
+    seen: Set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node._sequence_nr() <= floor:
+            continue
+        seen.add(node)
+        if node.name() in ZERO_SECOND_DERIVATIVE:
+            node.register_hook(_drop_zero_input)
+        stack.extend(fn for fn, _ in node.next_functions)
+
+
 def _vjp_sqnorms_loop(logits: Tensor, x: Tensor, cotangents: Tensor) -> Tensor:
     """``Σ_p ‖cotangents[p]ᵀ J‖²`` per sample, one double-backward VJP at a time.
 
     Args:
         logits: ``[B, C]`` (accumulation dtype), in the graph of ``x``.
         x: ``[B, *S]``.
-        cotangents: ``[P, B, C]``, may require grad (the gradient flows through them).
+        cotangents: ``[P, B, C]``, may require grad (the gradient flows through them); when they
+            do (a function of ``logits``), the VJP graph's zero gradients are dropped
+            (:func:`drop_zero_gradients`).
     Returns:
         ``[B]`` in the dtype of ``cotangents``.
     """
@@ -138,6 +203,8 @@ def _vjp_sqnorms_loop(logits: Tensor, x: Tensor, cotangents: Tensor) -> Tensor:
             )
         if g is None:
             raise no_dependency_error()
+        if cotangents.requires_grad:
+            drop_zero_gradients(g, logits)
         sq = g.reshape(g.shape[0], -1).to(cotangents.dtype).pow(2).sum(dim=1)
         total = sq if total is None else total + sq
     assert total is not None
@@ -154,6 +221,8 @@ def _vjp_sqnorms_batched(logits: Tensor, x: Tensor, cotangents: Tensor) -> Tenso
         )
     if g is None:
         raise no_dependency_error()
+    if cotangents.requires_grad:
+        drop_zero_gradients(g, logits)
     P, B = cotangents.shape[0], cotangents.shape[1]
     return g.reshape(P, B, -1).to(cotangents.dtype).pow(2).sum(dim=2).sum(dim=0)
 

@@ -1,32 +1,35 @@
-"""A fast, exact input gradient for CPU convolutions with few input channels.
+"""Fast, exact convolutions on the CPU for layers with few input channels.
 
 oneDNN computes the input gradient of a one-channel convolution very slowly on
-CPU (LeNet-5's first layer, batch 128, one thread: 13 ms against 1.5 ms for the
+CPU (LeNet-5's first layer, batch 128, one thread: 13 ms against 1.0 ms for the
 forward), and attacks, flatness and the gradient penalties all need it (58% of
 a PGD-10 profile). Switching oneDNN off for the whole model is no cure: its
-forward and weight-gradient kernels are the fast ones for the other layers.
+kernels are the fast ones for the other layers.
 
-So the route is swapped per layer: the forward and the weight gradient stay
-oneDNN's; the input gradient ``Aᵀ g`` (``A`` the convolution as a linear map of
-its input, ``g`` ``[B, O, *H']`` the output gradient) runs with oneDNN off for
-that one call, either as ``"flip"``, a stride-1 convolution of ``g`` with the
-flipped, transposed kernel and padding ``d·(k−1) − p`` (few output channels),
-or as ``"native"``, PyTorch's own ``convolution_backward`` (any stride,
-dilation, groups). Both are exact. A 2-D, stride-1 convolution with one input
-channel (LeNet-5's first layer) on float32/float64 CPU tensors has a kernel of
-its own when the C++ extension is loaded (csrc/conv_input_grad.cpp: 1.0 ms
-against the flip's 1.7 at LeNet-5's shape; equal up to rounding). Three
-``autograd.Function`` s close over each other (the backward of each is built
-from the three), so the backward is differentiable to any order:
-double-backward penalties work through it.
+So the route is swapped per layer. The input gradient ``Aᵀ g`` (``A`` the
+convolution as a linear map of its input, ``g`` ``[B, O, *H']`` the output
+gradient) runs with oneDNN off for that one call, either as ``"flip"``, a
+stride-1 convolution of ``g`` with the flipped, transposed kernel and padding
+``d·(k−1) − p`` (few output channels), or as ``"native"``, PyTorch's own
+``convolution_backward`` (any stride, dilation, groups). Both are exact. A 2-D,
+stride-1, undilated convolution with one input channel (LeNet-5's and DDNet's
+first layers) on float32/float64 CPU tensors has C++ kernels of its own when
+the extension is loaded (csrc/conv_*_1ch.cpp, LeNet-5 at batch 128, one
+thread): the forward (0.42 ms against oneDNN's 1.03), the input gradient (0.51
+against the flip's 1.7) and, up to 16 output channels, the weight and bias
+gradients in one pass (0.66 against oneDNN's 0.93); equal to PyTorch's up to
+rounding. Three ``autograd.Function`` s close over each other (the backward of
+each is built from the three), so the backward is differentiable to any
+order: double-backward penalties work through it.
 
 The path is taken per call only where it was measured to pay: CPU,
-float32/float64, grad mode on, an input requiring grad, ``in_channels <=
-max_in_channels`` (:data:`MAX_IN_CHANNELS`), a batched input, no autocast, not
-under ``torch.compile``; elsewhere the layer runs the ordinary convolution.
-"oneDNN off" is PyTorch's process-wide flag, set and restored around that one
-call: a conv running meanwhile in another thread may skip oneDNN too (same
-values up to float rounding).
+float32/float64, a batched input, no autocast, not under ``torch.compile``,
+and either an input requiring grad with ``in_channels <= max_in_channels``
+(:data:`MAX_IN_CHANNELS`; grad mode on) or one input channel (its C++ kernels,
+whether a weight, the input or nothing requires grad); elsewhere the layer runs
+the ordinary convolution. "oneDNN off" is PyTorch's process-wide flag, set and
+restored around that one call: a conv running meanwhile in another thread may
+skip oneDNN too (same values up to float rounding).
 
 Example::
 
@@ -59,9 +62,10 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 from ._conv_grad import (  # noqa: E402  (the spec, the kernels and the autograd Functions)
-    FLIP_MAX_OUT_CHANNELS, ConvSpec, _tuple, conv_fn, input_grad, make_spec, route,
-    weight_grad,
+    FLIP_MAX_OUT_CHANNELS, ConvSpec, _conv_kernel, _tuple, conv_fn, input_grad, make_spec, one_channel_kernels,
+    route, weight_grad,
 )
+from ._ext import extension_available  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the gate and the layer
@@ -75,15 +79,21 @@ def _autocast_on() -> bool:
     return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled()
 
 
-def _takes_path(x: Tensor, weight: Tensor, bias: Optional[Tensor], max_in_channels: int) -> bool:
-    """Whether a call on these operands goes through the fast path (decided per call)."""
+def _path(x: Tensor, weight: Tensor, bias: Optional[Tensor], max_in_channels: int) -> Optional[str]:
+    """The path a call on these operands takes (decided per call): ``"input_grad"`` (the fast input
+    gradient: an input requiring grad, at most ``max_in_channels`` channels), ``"one_channel"`` (one
+    input channel: the C++ kernels, whatever requires grad), or None (the plain convolution)."""
     same = weight.dtype == x.dtype and weight.device == x.device and (
         bias is None or (bias.dtype == x.dtype and bias.device == x.device))
-    return (torch.is_grad_enabled() and x.requires_grad and x.device.type == "cpu"
-            and x.layout == torch.strided and x.dtype in _DTYPES and same
+    if not (x.device.type == "cpu" and x.layout == torch.strided and x.dtype in _DTYPES and same
             and x.dim() == weight.dim()  # batched (an unbatched input takes the plain conv)
-            and x.shape[1] <= max_in_channels and not _autocast_on()
-            and not torch.compiler.is_compiling())
+            and not _autocast_on() and not torch.compiler.is_compiling()):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad and x.shape[1] <= max_in_channels:
+        return "input_grad"
+    if x.shape[1] == 1 and extension_available():
+        return "one_channel"
+    return None
 
 
 def _same_padding(weight: Tensor, dilation: Tuple[int, ...]) -> Tuple[Tuple[int, ...], List[int]]:
@@ -100,20 +110,22 @@ def _same_padding(weight: Tensor, dilation: Tuple[int, ...]) -> Tuple[Tuple[int,
 def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Ints = 1,
          padding: Union[str, Ints] = 0, dilation: Ints = 1, groups: int = 1, *,
          max_in_channels: int = MAX_IN_CHANNELS) -> Tensor:
-    """``F.conv{1,2,3}d`` with the fast input gradient where it pays (decided per call).
+    """``F.conv{1,2,3}d`` with the fast kernels where they pay (decided per call, see the module).
 
     Args:
         input: ``[B, C, *H]``; weight: ``[O, C/groups, *k]``; bias: ``[O]`` or None.
         stride, padding, dilation, groups: as in ``F.conv2d`` (``padding`` may be
             ``"valid"`` or ``"same"``).
-        max_in_channels: the path is taken only for ``C <= max_in_channels``.
+        max_in_channels: the fast input gradient is taken only for ``C <= max_in_channels``
+            (one input channel takes the C++ kernels whatever it is).
     Returns:
         ``[B, O, *H']``, the same values as ``F.conv{n}d``.
     """
     n = weight.dim() - 2
     if n not in _F_CONV:
         raise ValueError(f"weight: expected 3 to 5 dims [O, C/groups, *k], got shape {tuple(weight.shape)}")
-    if not _takes_path(input, weight, bias, max_in_channels) or (
+    path = _path(input, weight, bias, max_in_channels)
+    if path is None or (
             isinstance(padding, str) and not (padding == "valid" or _tuple("stride", stride, n) == (1,) * n)):
         return _F_CONV[n](input, weight, bias, stride, padding, dilation, groups)
     dil = _tuple("dilation", dilation, n)
@@ -125,7 +137,13 @@ def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: I
             input = F.pad(input, extra)
     elif isinstance(padding, str):
         raise ValueError(f"padding: expected 'valid', 'same' or ints, got {padding!r}")
-    return conv_fn(input, weight, bias, make_spec(n, stride, padding, dil, groups))
+    spec = make_spec(n, stride, padding, dil, groups)
+    if path == "one_channel":
+        if not one_channel_kernels(weight, spec, input, bias):
+            return _F_CONV[n](input, weight, bias, stride, spec.padding, dil, groups)
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))):
+            return _conv_kernel(input, weight, bias, spec)  # nothing to differentiate: the kernel alone
+    return conv_fn(input, weight, bias, spec)
 
 
 def conv_input_grad(input_shape: Sequence[int], weight: Tensor, grad_output: Tensor, stride: Ints = 1,
@@ -187,7 +205,7 @@ def _check_model(model: Any) -> None:
 
 
 def apply(model: nn.Module, *, max_in_channels: int = MAX_IN_CHANNELS) -> nn.Module:
-    """Give every ``Conv1d/2d/3d`` of ``model`` the fast input gradient, in place; returns ``model``.
+    """Give every ``Conv1d/2d/3d`` of ``model`` the fast kernels, in place; returns ``model``.
 
     Per instance (the class is untouched): ``state_dict``, ``load_state_dict``,
     ``deepcopy``, ``torch.save`` and DDP work as before. Idempotent; a second call
@@ -197,7 +215,7 @@ def apply(model: nn.Module, *, max_in_channels: int = MAX_IN_CHANNELS) -> nn.Mod
 
     Args:
         model: any module (a conv layer itself included).
-        max_in_channels: the largest ``in_channels`` that takes the path
+        max_in_channels: the largest ``in_channels`` that takes the fast input gradient
             (default :data:`MAX_IN_CHANNELS`, measured on CPU).
     """
     _check_model(model)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from attack_models import Opaque, seeded_model
-from fastland import models
+from fastland import _ext, models
 from fastland.attacks._counting import CallCounter
 from fastland.attacks._local_prefix import local_prefix, run_forward
 from fastland.attacks.square import _MIN_WINDOWED_ROWS, square_attack
@@ -31,7 +31,11 @@ def _moved(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, side: int, g:
 @pytest.mark.parametrize("name,dataset,shape", MODELS, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
 def test_windowed_update_equals_the_full_features(name, dataset, shape, dtype, tol) -> None:
+    """Within ``tol``; bit for bit where the first layer has one input channel (fastland's models
+    run fast_conv's C++ kernel there, in the whole forward and in the windows alike)."""
     model = seeded_model(name, dataset, dtype)
+    if shape[0] == 1 and _ext.extension_available():
+        tol = 0.0
     prefix = local_prefix(model)
     assert prefix is not None
     g = torch.Generator().manual_seed(1)

@@ -202,8 +202,8 @@ def test_input_gradient_only_skips_the_weight_gradient(monkeypatch):
     calls = []
     from fastland import _conv_grad
 
-    kernel = _conv_grad._weight_grad_kernel
-    monkeypatch.setattr(_conv_grad, "_weight_grad_kernel", lambda *a: calls.append(1) or kernel(*a))
+    kernel = _conv_grad._weight_and_bias_grad
+    monkeypatch.setattr(_conv_grad, "_weight_and_bias_grad", lambda *a: calls.append(1) or kernel(*a))
     _, fast = _pair()
     x = torch.rand(2, 1, 28, 28, dtype=DT, requires_grad=True)
     torch.autograd.grad(fast(x).sum(), x)
@@ -264,7 +264,8 @@ def test_declined_calls_run_the_plain_conv():
     c = fast_conv.apply(nn.Conv2d(1, 4, 3).to(DT))
     x = torch.randn(2, 1, 6, 6, dtype=DT)
     assert type(c(x.requires_grad_(True)).grad_fn).__name__ == "_ConvBackward"
-    assert type(c(x.detach()).grad_fn).__name__ == "ConvolutionBackward0"        # x needs no grad
+    two = fast_conv.apply(nn.Conv2d(2, 4, 3).to(DT))
+    assert type(two(torch.randn(2, 2, 6, 6, dtype=DT)).grad_fn).__name__ == "ConvolutionBackward0"  # x needs no grad
     with torch.no_grad():
         assert c(x).grad_fn is None
     assert type(c(x[0]).grad_fn).__name__ != "_ConvBackward"                     # unbatched input
@@ -397,3 +398,119 @@ def test_one_channel_kernel_matches_torch(dtype, o, k, pad, hw, b):
     torch.testing.assert_close(got, want, rtol=0, atol=tol)
     with pytest.raises(RuntimeError, match="conv_input_grad_1ch"):
         _C.conv_input_grad_1ch(g, w, hw[0] + 1, hw[1], pad[0], pad[1])
+
+
+# (O, k, padding, input spatial size, batch): odd shapes for the forward and weight-gradient kernels
+ONE_CHANNEL_SHAPES = [
+    (6, (5, 5), (2, 2), (28, 28), 5),    # LeNet-5's first layer
+    (1, (3, 3), (0, 0), (7, 9), 1),      # one output channel, no padding
+    (33, (3, 2), (1, 0), (11, 6), 2),    # non-square kernel, wide layer
+    (4, (3, 3), (4, 3), (5, 8), 3),      # padding beyond the kernel: outputs larger than the input
+    (5, (1, 7), (0, 3), (9, 40), 2),     # rows longer than one register block, the widest compiled kernel
+    (3, (2, 9), (1, 4), (6, 13), 2),     # wider than the compiled kernels: PyTorch's own weight gradient
+]
+
+
+@pytest.mark.skipif(not _ext.extension_available(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("o,k,pad,hw,b", ONE_CHANNEL_SHAPES)
+def test_one_channel_forward_and_weight_grad_match_torch(dtype, o, k, pad, hw, b):
+    """The C++ forward (with and without bias) and weight and bias gradients of a one-input-channel
+    convolution equal aten's on fresh random inputs of odd shapes (float64 to 1e-12, float32 to
+    1e-5 relative to the largest entry); a mismatched shape gets a one-line error naming the kernel."""
+    from fastland import _C
+
+    gen = torch.Generator().manual_seed(sum(hw) + o + k[1])
+    x = torch.randn(b, 1, *hw, generator=gen, dtype=dtype)
+    w = torch.randn(o, 1, *k, generator=gen, dtype=dtype)
+    bias = torch.randn(o, generator=gen, dtype=dtype)
+
+    def close(got, want):
+        tol = 1e-12 if dtype == torch.float64 else 1e-5 * float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+    for bb in (bias, None):
+        close(_C.conv_forward_1ch(x, w, bb, pad[0], pad[1]), F.conv2d(x, w, bb, 1, pad))
+    g = torch.randn(F.conv2d(x, w, None, 1, pad).shape, generator=gen, dtype=dtype)
+    _, want_w, want_b = torch.ops.aten.convolution_backward(
+        g, x, w, [o], [1, 1], list(pad), [1, 1], False, [0, 0], 1, [False, True, True])
+    got_w, got_b = _C.conv_weight_grad_1ch(x, g, k[0], k[1], pad[0], pad[1], True)
+    close(got_w, want_w)
+    close(got_b, want_b)
+    got_w, none = _C.conv_weight_grad_1ch(x, g, k[0], k[1], pad[0], pad[1], False)
+    close(got_w, want_w)
+    assert none is None
+    with pytest.raises(RuntimeError, match="conv_weight_grad_1ch"):
+        _C.conv_weight_grad_1ch(x, g, k[0] + 1, k[1], pad[0], pad[1], True)
+    with pytest.raises(RuntimeError, match="conv_forward_1ch"):
+        _C.conv_forward_1ch(x, w, bias[:-1] if o > 1 else torch.zeros(2, dtype=dtype), pad[0], pad[1])
+
+
+def test_one_channel_layer_trains_through_the_kernels(monkeypatch):
+    """A one-input-channel layer whose input needs no grad (a plain training step): the forward and
+    the weight and bias gradients run the C++ kernels (one pass for both gradients), equal to the
+    plain layer's in float64; gradcheck and gradgradcheck of (w, b) at a constant input pass;
+    without grad the kernel runs with no graph at all."""
+    from fastland import _conv_grad
+
+    if not _ext.extension_available():
+        pytest.skip("the C++ extension is not built")
+    calls = []
+    kernel = _conv_grad._weight_and_bias_grad
+    monkeypatch.setattr(_conv_grad, "_weight_and_bias_grad",
+                        lambda *a: calls.append(a[-1]) or kernel(*a))
+    torch.manual_seed(4)
+    plain = nn.Conv2d(1, 6, 5, padding=2).to(DT)
+    fast = fast_conv.apply(copy.deepcopy(plain))
+    x = torch.randn(3, 1, 11, 9, dtype=DT)
+    y = fast(x)
+    assert _fast_grad_fn(y)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [fast.weight, fast.bias], g)
+    ref = torch.autograd.grad(plain(x), [plain.weight, plain.bias], g)
+    assert calls == [True]  # weight and bias in one pass
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, **TOL)
+    spec = make_spec(2, 1, 2, 1, 1)
+    assert torch.autograd.gradcheck(lambda w, b: conv_fn(x, w, b, spec), (fast.weight, fast.bias))
+    assert torch.autograd.gradgradcheck(lambda w, b: conv_fn(x, w, b, spec), (fast.weight, fast.bias))
+    with torch.no_grad():
+        out = fast(x)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, plain(x).detach(), **TOL)
+
+
+def test_wide_layers_keep_atens_weight_gradient(monkeypatch):
+    """More output channels than ONE_CHANNEL_WEIGHT_GRAD_MAX_OUT (DDNet's 32, where oneDNN's weight
+    gradient was measured faster): aten's, through the same Function."""
+    from fastland import _C, _conv_grad
+
+    if not _ext.extension_available():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(_C, "conv_weight_grad_1ch", None, raising=False)  # would fail if called
+    torch.manual_seed(5)
+    o = _conv_grad.ONE_CHANNEL_WEIGHT_GRAD_MAX_OUT + 1
+    plain = nn.Conv2d(1, o, 3).to(DT)
+    fast = fast_conv.apply(copy.deepcopy(plain))
+    x = torch.randn(2, 1, 7, 6, dtype=DT)
+    got = torch.autograd.grad(fast(x).sum(), [fast.weight, fast.bias])
+    ref = torch.autograd.grad(plain(x).sum(), [plain.weight, plain.bias])
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, **TOL)
+
+
+@pytest.mark.skipif(not _ext.extension_available(), reason="the C++ extension is not built")
+def test_one_channel_weight_grad_is_the_same_at_any_thread_count():
+    """The weight gradient adds per-block totals in one fixed order: bit for bit the same on one
+    thread and on two (a training run's result does not depend on its thread count here)."""
+    from fastland import _C
+    from fastland.testing import num_threads
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 1, 28, 28, generator=gen)
+    g = torch.randn(37, 6, 28, 28, generator=gen)
+    with num_threads(1):
+        one = _C.conv_weight_grad_1ch(x, g, 5, 5, 2, 2, True)
+    with num_threads(2):
+        two = _C.conv_weight_grad_1ch(x, g, 5, 5, 2, 2, True)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

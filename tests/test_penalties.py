@@ -513,3 +513,107 @@ def test_default_path_per_device() -> None:
     assert _estimators.use_batched(torch.device("cpu"), None) is False
     assert _estimators.use_batched(torch.device("cuda", 1), None) is True
     assert _estimators.use_batched(torch.device("cpu"), True) is True
+
+
+# --------------------------------------------------------------------------- dropped zero gradients
+
+# (node name, a layer that makes it, whether it needs a 3-D input): every entry of
+# _estimators.ZERO_SECOND_DERIVATIVE, made by an ordinary layer of a small model.
+ZERO_LAYERS = [
+    ("ThresholdBackwardBackward0", lambda: nn.ReLU(), False),
+    ("HardtanhBackwardBackward0", lambda: nn.ReLU6(), False),
+    ("LeakyReluBackwardBackward0", lambda: nn.LeakyReLU(0.1), False),
+    ("MaxPool2DWithIndicesBackwardBackward0", lambda: nn.MaxPool2d(2), False),
+    ("MaxPool3DWithIndicesBackwardBackward0", lambda: nn.MaxPool3d(2), True),
+    ("AdaptiveMaxPool2DBackwardBackward0", lambda: nn.AdaptiveMaxPool2d(3), False),
+    ("AvgPool2DBackwardBackward0", lambda: nn.AvgPool2d(2), False),
+    ("AvgPool3DBackwardBackward0", lambda: nn.AvgPool3d(2), True),
+]
+
+
+def test_zero_layers_cover_the_dropped_nodes() -> None:
+    assert {name for name, _, _ in ZERO_LAYERS} == _estimators.ZERO_SECOND_DERIVATIVE
+
+
+def _zero_layer_model(layer: nn.Module, three_d: bool) -> Tuple[nn.Module, Tensor]:
+    """conv -> layer -> (ReLU) -> flatten -> linear (7 classes), float64, odd sizes; ``[5, 2, *S]`` input."""
+    torch.manual_seed(3)
+    conv, size = (nn.Conv3d(2, 3, 3, padding=1), (6, 5, 7)) if three_d else (nn.Conv2d(2, 3, 3, padding=1), (7, 6))
+    with torch.no_grad():
+        features = nn.Sequential(conv, layer)(torch.zeros(1, 2, *size)).numel()
+    model = nn.Sequential(conv, layer, nn.Flatten(), nn.Linear(features, 7)).double()
+    return model, torch.rand(5, 2, *size, dtype=torch.float64) - 0.3
+
+
+def _ce_plus_penalty_grads(model: nn.Module, x0: Tensor, fn, alone: bool = False) -> list:
+    """Parameter gradients of ``CE + 0.25·penalty`` (of the penalty alone: ``alone``), plain
+    ``backward()``, fixed projections; None where a parameter gets no gradient."""
+    model.zero_grad(set_to_none=True)
+    x = fastland.penalty_input(x0)
+    logits = model(x)
+    pen = fn(logits, x, n_proj=2, generator=torch.Generator().manual_seed(5))
+    loss = pen if alone else F.cross_entropy(logits, torch.arange(5) % 7) + 0.25 * pen
+    loss.backward()
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("fn", [amsreg_loss, jacobian_loss])
+@pytest.mark.parametrize("name,layer,three_d", ZERO_LAYERS, ids=[n for n, _, _ in ZERO_LAYERS])
+def test_dropped_zero_gradients_change_no_gradient(monkeypatch, fn, name: str, layer, three_d: bool) -> None:
+    """Each listed double-backward node is in the penalty's VJP graph, its dropped gradient is
+    exactly zero, and the parameter gradients (CE + penalty, and the penalty alone) are bitwise
+    those computed with the zeros kept, None for the same parameters (none)."""
+    model, x0 = _zero_layer_model(layer(), three_d)
+    dropped = []
+    real_hook = _estimators._drop_zero_input
+
+    def checking_drop(grad_inputs, grad_outputs):
+        dropped.append(grad_inputs[1])
+        return real_hook(grad_inputs, grad_outputs)
+
+    names = []
+    real_drop = _estimators.drop_zero_gradients
+
+    def recording(g: Tensor, logits: Tensor) -> None:
+        stack, seen = [g.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                names.append(node.name())
+                stack.extend(f for f, _ in node.next_functions)
+        real_drop(g, logits)
+
+    monkeypatch.setattr(_estimators, "_drop_zero_input", checking_drop)
+    monkeypatch.setattr(_estimators, "drop_zero_gradients", recording)
+    new = [_ce_plus_penalty_grads(model, x0, fn, alone) for alone in (False, True)]
+    assert name in names
+    assert dropped and all(d is not None and not d.any() for d in dropped)
+    monkeypatch.setattr(_estimators, "drop_zero_gradients", lambda g, logits: None)
+    kept = [_ce_plus_penalty_grads(model, x0, fn, alone) for alone in (False, True)]
+    for grads_new, grads_kept in zip(new, kept):
+        assert [g is None for g in grads_new] == [g is None for g in grads_kept] == [False] * len(grads_kept)
+        for a, b in zip(grads_new, grads_kept):
+            assert torch.equal(a, b)
+
+
+def test_dropped_zero_gradients_on_lenet_match_the_reference() -> None:
+    """LeNet-5 (ReLU and max-pooling) in float64: ``CE + 0.25·AMSReg`` with the zeros dropped
+    against ``torch.func.grad`` of the ``vmap(jacrev)`` penalty (1e-9 relative)."""
+    torch.manual_seed(0)
+    model = fastland.models.create("lenet", "fmnist").double()
+    x0, y = torch.rand(3, 1, 28, 28, dtype=torch.float64), torch.tensor([1, 4, 9])
+    model.zero_grad(set_to_none=True)
+    x = fastland.penalty_input(x0)
+    logits = model(x)
+    (F.cross_entropy(logits, y) + 0.25 * amsreg_loss(logits, x, estimator="exact")).backward()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    pen = _functional_penalty(model, x0, "ams_exact")
+
+    def objective(ps: dict) -> Tensor:
+        return F.cross_entropy(functional_call(model, (ps, buffers), (x0,)), y) + 0.25 * pen(ps)
+
+    ref = grad(objective)(params)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[k], rtol=1e-9, atol=1e-12, msg=lambda m: f"{k}: {m}")

@@ -133,7 +133,7 @@ def test_non_finite_input_is_refused(where: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_all_finite_agrees_with_isfinite(dtype: torch.dtype) -> None:
-    """The one-reduction check equals ``isfinite(t).all()``: a NaN, +inf, -inf or both infs
+    """The sum-first check equals ``isfinite(t).all()``: a NaN, +inf, -inf or both infs
     anywhere are caught; the largest finite values (whose float32 sum overflows) are not."""
     gen = torch.Generator().manual_seed(4)
     t = torch.randn(3, 5, 7, generator=gen).to(dtype)

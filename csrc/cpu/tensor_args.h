@@ -17,6 +17,13 @@ inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const c
               ref_name, "), got ", t.scalar_type());
 }
 
+// `t` and `other` CPU floating-point tensors of one dtype (that of `other`).
+inline void check_pair(const at::Tensor& t, const at::Tensor& other, const char* name, const char* other_name) {
+  check_input(t, name);
+  check_input(other, other_name);
+  check_same_dtype(t, other, name, other_name);
+}
+
 // The dtype the kernels compute `dtype` inputs in: float32 for half precision.
 inline at::ScalarType compute_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;

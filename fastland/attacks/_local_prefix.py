@@ -25,12 +25,14 @@ int64 window corners; the logits ``[n, K]``.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fast_conv
 from ._counting import CallCounter
 from ._max_pool import max_pool
 
@@ -152,6 +154,11 @@ class LocalPrefix:
                  counter: Optional[CallCounter]) -> None:
         self.normalize = normalize
         self.first = prefix[0]
+        # the windows' first convolution runs the module's own kernel (fast_conv's, where applied), so
+        # that a window's features equal the whole forward's bit for bit
+        patched = self.first.__dict__.get("_conv_forward")
+        self._conv = (partial(fast_conv.conv, max_in_channels=patched.max_in_channels)
+                      if isinstance(patched, fast_conv._FastForward) else F.conv2d)
         self._prefix_steps = forward_steps(list(prefix))
         self._after_first = forward_steps(list(prefix)[1:])
         self._rest_steps = forward_steps(list(rest))
@@ -205,7 +212,7 @@ class LocalPrefix:
         patch = z[samples, torch.arange(c, device=x_new.device).view(1, c, 1, 1),
                   (rows[:, None] + torch.arange(nh, device=x_new.device)).view(n, 1, nh, 1),
                   (cols[:, None] + torch.arange(nw, device=x_new.device)).view(n, 1, 1, nw)]
-        out = F.conv2d(patch, self.first.weight, self.first.bias, groups=self.first.groups)
+        out = self._conv(patch, self.first.weight, self.first.bias, groups=self.first.groups)
         out = _apply(self._after_first, out)
         k = features.shape[1]
         new = features.clone()
