@@ -12,6 +12,8 @@ Groups (``off`` is each group's baseline; LeNet-5 and DDNet, Fashion-MNIST shape
   ``n_proj`` 1 and 8 and ``estimator="exact"``, path on;
 * ``conv-first-layer-input-grad``: LeNet-5's first layer alone, its input gradient by the
   flip route (baseline) and by the C++ one-input-channel kernel, and its forward;
+* ``conv-first-layer-{forward,weight-grad}-{lenet,ddnet}``: the first layer's forward and its
+  weight and bias gradients by aten (baseline) and by the C++ one-input-channel kernels;
 * ``conv-pgd-torchattacks-lenet``: torchattacks' PGD on the plain model (baseline) and
   with the path, vs fastland's PGD with the path.
 
@@ -173,6 +175,8 @@ def test_pgd_vs_torchattacks(benchmark, data, impl):
 
 
 FIRST_LAYER = ("flip", "one-channel", "forward")
+# (output channels, kernel, padding) of the one-input-channel first layers
+FIRST_LAYERS = {"lenet": (6, 5, 2), "ddnet": (32, 3, 0)}
 
 
 @pytest.mark.parametrize("kernel", FIRST_LAYER)
@@ -188,11 +192,41 @@ def test_first_layer_input_grad(benchmark, monkeypatch, kernel):
     x = torch.rand(BATCH, 1, 28, 28, generator=gen)
     spec = _conv_grad.make_spec(2, 1, 2)
     if kernel == "flip":
-        monkeypatch.setattr(_conv_grad, "_one_channel_ok", lambda *args: False)
+        monkeypatch.setattr(_conv_grad, "one_channel_kernels", lambda *args: False)
         benchmark.extra_info["baseline"] = True
-    elif kernel == "one-channel" and not _conv_grad._one_channel_ok(g, w, spec):
+    elif kernel == "one-channel" and not _conv_grad.one_channel_kernels(w, spec, g):
         pytest.skip("the C++ extension is not built")
     run = (lambda: torch.conv2d(x, w, None, 1, 2)) if kernel == "forward" else (  # noqa: E731
         lambda: _conv_grad._input_grad_kernel(g, w, x.shape, spec))
     benchmark.group = "conv-first-layer-input-grad"
     assert benchmark(run).shape[0] == BATCH
+
+
+@pytest.mark.parametrize("layer", list(FIRST_LAYERS))
+@pytest.mark.parametrize("op", ["forward", "weight-grad"])
+@pytest.mark.parametrize("kernel", ["aten", "one-channel"])
+def test_first_layer_forward_and_weight_grad(benchmark, layer, op, kernel):
+    """A one-input-channel first layer alone (batch 128): its forward (with bias) and its weight
+    and bias gradients by aten (oneDNN, the baseline) and by the C++ kernels
+    (``fastland._C.conv_forward_1ch`` / ``conv_weight_grad_1ch``)."""
+    from fastland import _conv_grad, _ext
+
+    if kernel == "one-channel" and not _ext.extension_available():
+        pytest.skip("the C++ extension is not built")
+    o, k, p = FIRST_LAYERS[layer]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(BATCH, 1, 28, 28, generator=gen)
+    w, b = torch.randn(o, 1, k, k, generator=gen), torch.randn(o, generator=gen)
+    g = torch.randn(BATCH, o, 28 + 2 * p - k + 1, 28 + 2 * p - k + 1, generator=gen)
+    if kernel == "aten":
+        benchmark.extra_info["baseline"] = True
+        run = (lambda: torch.conv2d(x, w, b, 1, p)) if op == "forward" else (  # noqa: E731
+            lambda: torch.ops.aten.convolution_backward(g, x, w, [o], [1, 1], [p, p], [1, 1], False, [0, 0], 1,
+                                                        [False, True, True])[1])
+    else:
+        from fastland import _C
+
+        run = (lambda: _C.conv_forward_1ch(x, w, b, p, p)) if op == "forward" else (  # noqa: E731
+            lambda: _C.conv_weight_grad_1ch(x, g, k, k, p, p, True)[0])
+    benchmark.group = f"conv-first-layer-{op}-{layer}"
+    assert benchmark(run).shape[0] in (BATCH, o)
