@@ -114,7 +114,8 @@ def route(weight: Tensor, spec: ConvSpec) -> str:
 
 
 # The C++ weight gradient for one input channel is taken up to this many output channels (LeNet-5's 6:
-# 0.66 ms against oneDNN's 0.93; DDNet's 32: 1.9 against 1.4, one thread, batch 128; benchmarks/notes/conv.md).
+# 0.71 ms against oneDNN's 1.02; DDNet's 32: 1.95 against 1.46; one thread, batch 128, groups
+# conv-first-layer-weight-grad-* of benchmarks/bench_conv.py).
 ONE_CHANNEL_WEIGHT_GRAD_MAX_OUT = 16
 
 
@@ -145,8 +146,8 @@ def one_channel_kernels(w: Tensor, spec: ConvSpec, *tensors: Optional[Tensor]) -
 def _input_grad_kernel(g: Tensor, w: Tensor, input_shape: Sequence[int], spec: ConvSpec) -> Tensor:
     """``Aᵀ g``: ``g`` ``[B, O, *H']``, ``w`` ``[O, C/groups, *k]`` → ``[B, C, *H]`` (no autograd).
 
-    One input channel (LeNet-5's first layer) on the CPU: the C++ kernel (0.5 ms against the
-    flip's 1.7 for LeNet-5 at batch 128, one thread; see benchmarks/notes/penalties.md)."""
+    One input channel (LeNet-5's first layer) on the CPU: the C++ kernel (0.54 ms against the
+    flip's 1.77 for LeNet-5 at batch 128, one thread; see benchmarks/notes/conv.md)."""
     if one_channel_kernels(w, spec, g):
         from . import _C
 
@@ -191,7 +192,7 @@ def _weight_and_bias_grad(x: Tensor, g: Tensor, weight_shape: Sequence[int], spe
 
 def _conv_kernel(x: Tensor, w: Tensor, b: Optional[Tensor], spec: ConvSpec) -> Tensor:
     """The ordinary convolution ``[B, C, *H]`` → ``[B, O, *H']``: the C++ kernel for one input
-    channel on the CPU (0.42 ms against oneDNN's 1.03 for LeNet-5 at batch 128, one thread), aten's
+    channel on the CPU (0.49 ms against oneDNN's 1.02 for LeNet-5 at batch 128, one thread), aten's
     elsewhere."""
     if x.dim() == 4 and one_channel_kernels(w, spec, x, b):
         from . import _C

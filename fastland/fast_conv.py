@@ -15,9 +15,9 @@ stride-1 convolution of ``g`` with the flipped, transposed kernel and padding
 stride-1, undilated convolution with one input channel (LeNet-5's and DDNet's
 first layers) on float32/float64 CPU tensors has C++ kernels of its own when
 the extension is loaded (csrc/conv_*_1ch.cpp, LeNet-5 at batch 128, one
-thread): the forward (0.42 ms against oneDNN's 1.03), the input gradient (0.51
-against the flip's 1.7) and, up to 16 output channels, the weight and bias
-gradients in one pass (0.66 against oneDNN's 0.93); equal to PyTorch's up to
+thread): the forward (0.49 ms against oneDNN's 1.02), the input gradient (0.54
+against the flip's 1.77) and, up to 16 output channels, the weight and bias
+gradients in one pass (0.71 against oneDNN's 1.02); equal to PyTorch's up to
 rounding. Three ``autograd.Function`` s close over each other (the backward of
 each is built from the three), so the backward is differentiable to any
 order: double-backward penalties work through it.
