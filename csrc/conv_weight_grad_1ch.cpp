@@ -3,10 +3,10 @@
 // db[o] = sum of g[o].
 //
 // oneDNN's backward-weights for one input channel runs at a fraction of the machine's multiply-add
-// rate. Here each thread keeps a zero-padded plane of x and a copy of each image's g in rows aligned
-// and zero-padded to whole vector pairs (csrc/cpu/padded_plane.h); per output channel o and kernel
-// row a, each vector of a g row is loaded once and multiplied with the kw shifted vectors of the
-// plane's row i + a, accumulating in 2 kw independent vector sums held in registers (the kernel width
+// rate. Here each thread keeps, across its images, a zero-padded plane of x and a copy of each image's
+// g in rows aligned and zero-padded to whole vector pairs (csrc/cpu/padded_plane.h); per output
+// channel o and kernel row a, each vector of a g row is loaded once and multiplied with the kw
+// shifted vectors of the plane's row i + a, accumulating in 2 kw independent vector sums held in registers (the kernel width
 // is a compile-time constant, up to 7; wider kernels take PyTorch's own), compiled per instruction
 // set. Each block of 8 images adds its sums to per-lane totals of its own, which are summed in one
 // fixed order at the end: the result does not depend on the number of threads, and differs from
@@ -75,33 +75,39 @@ FASTLAND_TARGET_CLONES void image(const T* plane, const T* gpad, T* total, T* to
   }
 }
 
-// All images of [lo, hi) for kernel width KW: per image, x into the plane and g into gpad (aligned rows,
-// zero-padded: cheaper than reading g's rows in place, measured), then `image`.
+// The blocks [lo, hi) of kImagesPerBlock images for kernel width KW, block k adding to `totals` + k `stride`:
+// per image, x into the plane and g into gpad (aligned rows, zero-padded: cheaper than reading g's rows in
+// place, measured), then `image`. One plane and one gpad for all the blocks.
 template <typename T, int KW>
-void images(const T* xp, const T* gp, T* total, bool bias, int64_t lo, int64_t hi, int64_t O, int64_t H, int64_t W,
-            int64_t Ho, int64_t Wo, int64_t kh, int64_t ph, int64_t pw) {
+void blocks_of_images(const T* xp, const T* gp, T* totals, int64_t stride, bool bias, int64_t lo, int64_t hi,
+                      int64_t B, int64_t O, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t ph,
+                      int64_t pw) {
   constexpr int64_t L = lanes<T>();
   const int64_t Wg = round_up(Wo, 2 * L), Hp = Ho + kh - 1, Wp = round_up(Wg + KW - 1, L);
   std::vector<T> plane(Hp * Wp, T(0)), gpad(O * Ho * Wg, T(0));
-  for (int64_t n = lo; n < hi; ++n) {
-    copy_into_plane(xp + n * H * W, H, W, plane.data(), Wp, ph, pw);
-    for (int64_t o = 0; o < O; ++o)
-      copy_into_plane(gp + (n * O + o) * Ho * Wo, Ho, Wo, gpad.data() + o * Ho * Wg, Wg, 0, 0);
-    image<T, KW>(plane.data(), gpad.data(), total, bias ? total + O * kh * KW * L : nullptr, O, kh, Ho, Wg, Wp);
+  for (int64_t k = lo; k < hi; ++k) {
+    T* total = totals + k * stride;
+    for (int64_t n = k * kImagesPerBlock; n < std::min(B, (k + 1) * kImagesPerBlock); ++n) {
+      copy_into_plane(xp + n * H * W, H, W, plane.data(), Wp, ph, pw);
+      for (int64_t o = 0; o < O; ++o)
+        copy_into_plane(gp + (n * O + o) * Ho * Wo, Ho, Wo, gpad.data() + o * Ho * Wg, Wg, 0, 0);
+      image<T, KW>(plane.data(), gpad.data(), total, bias ? total + O * kh * KW * L : nullptr, O, kh, Ho, Wg, Wp);
+    }
   }
 }
 
 template <typename T>
-void images_any_width(int64_t kw, const T* xp, const T* gp, T* total, bool bias, int64_t lo, int64_t hi, int64_t O,
-                      int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t ph, int64_t pw) {
+void blocks_any_width(int64_t kw, const T* xp, const T* gp, T* totals, int64_t stride, bool bias, int64_t lo,
+                      int64_t hi, int64_t B, int64_t O, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh,
+                      int64_t ph, int64_t pw) {
   switch (kw) {
-    case 1: return images<T, 1>(xp, gp, total, bias, lo, hi, O, H, W, Ho, Wo, kh, ph, pw);
-    case 2: return images<T, 2>(xp, gp, total, bias, lo, hi, O, H, W, Ho, Wo, kh, ph, pw);
-    case 3: return images<T, 3>(xp, gp, total, bias, lo, hi, O, H, W, Ho, Wo, kh, ph, pw);
-    case 4: return images<T, 4>(xp, gp, total, bias, lo, hi, O, H, W, Ho, Wo, kh, ph, pw);
-    case 5: return images<T, 5>(xp, gp, total, bias, lo, hi, O, H, W, Ho, Wo, kh, ph, pw);
-    case 6: return images<T, 6>(xp, gp, total, bias, lo, hi, O, H, W, Ho, Wo, kh, ph, pw);
-    default: return images<T, 7>(xp, gp, total, bias, lo, hi, O, H, W, Ho, Wo, kh, ph, pw);
+    case 1: return blocks_of_images<T, 1>(xp, gp, totals, stride, bias, lo, hi, B, O, H, W, Ho, Wo, kh, ph, pw);
+    case 2: return blocks_of_images<T, 2>(xp, gp, totals, stride, bias, lo, hi, B, O, H, W, Ho, Wo, kh, ph, pw);
+    case 3: return blocks_of_images<T, 3>(xp, gp, totals, stride, bias, lo, hi, B, O, H, W, Ho, Wo, kh, ph, pw);
+    case 4: return blocks_of_images<T, 4>(xp, gp, totals, stride, bias, lo, hi, B, O, H, W, Ho, Wo, kh, ph, pw);
+    case 5: return blocks_of_images<T, 5>(xp, gp, totals, stride, bias, lo, hi, B, O, H, W, Ho, Wo, kh, ph, pw);
+    case 6: return blocks_of_images<T, 6>(xp, gp, totals, stride, bias, lo, hi, B, O, H, W, Ho, Wo, kh, ph, pw);
+    default: return blocks_of_images<T, 7>(xp, gp, totals, stride, bias, lo, hi, B, O, H, W, Ho, Wo, kh, ph, pw);
   }
 }
 
@@ -137,9 +143,7 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad_1ch(const at::Tensor& x, con
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     scalar_t* tp = totals.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t k = lo; k < hi; ++k)
-        images_any_width<scalar_t>(kw, xp, gp, tp + k * rows * L, bias, k * kImagesPerBlock,
-                                   std::min(B, (k + 1) * kImagesPerBlock), O, H, W, Ho, Wo, kh, ph, pw);
+      blocks_any_width<scalar_t>(kw, xp, gp, tp, rows * L, bias, lo, hi, B, O, H, W, Ho, Wo, kh, ph, pw);
     });
     scalar_t* sp = sums.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {

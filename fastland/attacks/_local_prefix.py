@@ -25,7 +25,6 @@ int64 window corners; the logits ``[n, K]``.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -156,9 +155,7 @@ class LocalPrefix:
         self.first = prefix[0]
         # the windows' first convolution runs the module's own kernel (fast_conv's, where applied), so
         # that a window's features equal the whole forward's bit for bit
-        patched = self.first.__dict__.get("_conv_forward")
-        self._conv = (partial(fast_conv.conv, max_in_channels=patched.max_in_channels)
-                      if isinstance(patched, fast_conv._FastForward) else F.conv2d)
+        self._conv = fast_conv.conv if fast_conv.is_applied(self.first) else F.conv2d
         self._prefix_steps = forward_steps(list(prefix))
         self._after_first = forward_steps(list(prefix)[1:])
         self._rest_steps = forward_steps(list(rest))
